@@ -1,0 +1,21 @@
+"""remap: instance-level image retrieval with the REMAP global descriptor (Husain & Bober, TIP 2019).
+
+The package follows the pipeline:
+
+=====================  ==========================================================
+``backbones``          CNNs with a layer access function (paper Eq. 1)
+``functional``         region grid, ROI max-pool, MAC/SPoC/GeM/R-MAC math
+``pooling``            thin modules over it; REMAP streams with region weights α
+``whitening``          PCA-whitening, the FC layer's initialisation
+``model``              backbone + streams + whitening → L2-normalised descriptors
+``images``/``extract`` robust image loading; resumable descriptor extraction
+``config``             one plain-data description of a model
+``cli``                the ``remap`` command
+=====================  ==========================================================
+"""
+
+from .config import ModelConfig
+from .model import RetrievalModel
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "RetrievalModel", "__version__"]

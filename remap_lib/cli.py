@@ -1,0 +1,161 @@
+"""The ``remap`` command line.
+
+    remap backbones                      list backbones and their layers
+    remap extract IMAGES... -o OUT       describe images (resumable)
+    remap whiten OUT -o whitening.npz    learn PCA-whitening from extracted descriptors
+    remap demo                           describe a few packaged photos, print similarities
+
+Every subcommand takes the model options (``--backbone``, ``--head``,
+``--layers``, ``--levels``, ``--image-size``, ``--multiscale``, ``--config FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import numpy as np
+
+from .config import HEADS, PAPER_MULTISCALE, ModelConfig
+
+log = logging.getLogger("remap")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--config", help="model config (YAML/JSON); the options below override it")
+    g.add_argument("--checkpoint", help="a checkpoint saved by RetrievalModel.save (config included)")
+    g.add_argument("--backbone", help="backbone name (default efficientnet_lite0)")
+    g.add_argument("--weights", help='"imagenet" (default), a local checkpoint file, or "random"')
+    g.add_argument("--head", choices=HEADS, help="pooling head (default remap)")
+    g.add_argument("--layers", nargs="+", help="paper layer numbers (1 = last conv block) or stage names")
+    g.add_argument("--levels", type=int, help="region-grid scales S (4 -> 40 regions)")
+    g.add_argument("--image-size", type=int, help="longer side of the resized input (default 1024)")
+    g.add_argument("--multiscale", action="store_true",
+                   help="paper Eq. 3: 2*X(1024) + 1.4*X(1280)")
+    g.add_argument("--whitening", help="PCA-whitening file (.npz) from `remap whiten`")
+
+
+def model_from_args(args):
+    """Build the :class:`RetrievalModel` the command-line options describe."""
+    from .model import RetrievalModel
+    from .whitening import PCAWhitening
+
+    if args.checkpoint:
+        model = RetrievalModel.load(args.checkpoint)
+    else:
+        data = ModelConfig.load(args.config).to_dict() if args.config else {}
+        for key in ("backbone", "weights", "head", "layers", "levels"):
+            if getattr(args, key, None) is not None:
+                data[key] = getattr(args, key)
+        if args.head and not args.layers and not args.config:
+            data["layers"] = None  # the head's default layers
+        if args.multiscale:
+            data.update({k: list(v) for k, v in PAPER_MULTISCALE.items()})
+        elif args.image_size:
+            data["image_sizes"], data["scale_weights"] = [args.image_size], [1.0]
+        data["whitening"], data["dim"] = False, None
+        model = RetrievalModel(ModelConfig(**data))
+    if args.whitening:
+        model.set_whitening(PCAWhitening.load(args.whitening))
+    return model
+
+
+def cmd_backbones(args) -> int:
+    from .backbones import BACKBONES
+
+    for name, spec in BACKBONES.items():
+        print(f"{name:20s} {spec.description}")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from .extract import extract_descriptors
+
+    model = model_from_args(args)
+    images = args.images[0] if len(args.images) == 1 else args.images
+    if args.list:
+        with open(args.list) as f:
+            images = [line.strip() for line in f if line.strip()]
+    result = extract_descriptors(
+        model, images, args.out, batch_size=args.batch_size, device=args.device,
+        num_workers=args.workers, on_error=args.on_error, progress=not args.quiet,
+    )
+    print(f"{len(result.paths)} descriptors of dimension {result.descriptors.shape[1]} in {args.out}"
+          + (f"; {len(result.failed)} images failed (see {args.out}/failed.tsv)" if result.failed else ""))
+    return 1 if result.failed and args.on_error == "raise" else 0
+
+
+def cmd_whiten(args) -> int:
+    from .extract import load_descriptors
+    from .whitening import learn_pca_whitening
+
+    desc = load_descriptors(args.descriptors)
+    if desc.config["model"].get("whitening"):
+        print("error: these descriptors are already whitened; extract without --whitening", file=sys.stderr)
+        return 2
+    whitening = learn_pca_whitening(desc.descriptors, args.dim)
+    whitening.save(args.out)
+    print(f"PCA-whitening {whitening.input_dim} -> {whitening.output_dim} learned from "
+          f"{len(desc.paths)} descriptors, saved to {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(image_size=args.image_size or 512, out_dir=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="remap", description="REMAP image retrieval toolkit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("backbones", help="list backbones")
+    p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("extract", help="describe images")
+    p.add_argument("images", nargs="*", help="image files or one folder")
+    p.add_argument("--list", help="text file with one image path per line")
+    p.add_argument("-o", "--out", required=True, help="output folder (resumable)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, default=None, help="image-decoding processes")
+    p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                   help="skip bad images (listed in failed.tsv) or stop at the first")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("whiten", help="learn PCA-whitening from extracted descriptors")
+    p.add_argument("descriptors", help="folder written by `remap extract`")
+    p.add_argument("-o", "--out", required=True, help="output .npz")
+    p.add_argument("--dim", type=int, default=None, help="output dimension (default: all the data supports)")
+    p.set_defaults(func=cmd_whiten)
+
+    p = sub.add_parser("demo", help="describe packaged photos and print their similarity matrix")
+    p.add_argument("--image-size", type=int, default=None, help="longer side (default 512)")
+    p.add_argument("-o", "--out", default=None, help="also save descriptors and the matrix here")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "extract" and not args.images and not args.list:
+        parser.error("extract needs image paths, a folder, or --list FILE")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""One plain-data description of a descriptor model, saved next to every output.
+
+A :class:`ModelConfig` names the backbone, its weights, the layers, the head
+(MAC / SPoC / GeM / R-MAC / REMAP) and its options, the whitening and the input
+sizes.  It round-trips through YAML or JSON, and :meth:`ModelConfig.digest`
+gives a short hash so that a number can be traced to the model that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["HEADS", "ModelConfig", "PAPER_MULTISCALE"]
+
+HEADS = ("mac", "spoc", "gem", "rmac", "remap")
+
+# Paper Eq. 3: X = 2·X(1024×768) + 1.4·X(1280×960).
+PAPER_MULTISCALE = {"image_sizes": (1024, 1280), "scale_weights": (2.0, 1.4)}
+
+
+@dataclass
+class ModelConfig:
+    """Everything that determines a descriptor.
+
+    Attributes:
+        backbone: registry name, see :func:`remap_lib.backbones.list_backbones`.
+        weights: ``"imagenet"``, a checkpoint path, or ``"random"`` (tests only).
+        head: one of :data:`HEADS`.
+        layers: paper layer numbers (``1`` = last conv block) or stage names;
+            ``None`` means ``[1, 2]`` for REMAP (the paper's final choice, §III-C)
+            and ``[1]`` for the baselines.  A built model stores stage names.
+        levels: scales S of the region grid for R-MAC / REMAP (4 → 40 regions,
+            the paper's best, Table I).
+        full_map: add the whole-map region to the grid (cirtorch does; the paper does not).
+        gem_p: initial GeM exponent.
+        spoc_centre_prior: Babenko's Gaussian centre prior for SPoC.
+        whitening: a fully connected PCA-whitening layer after pooling.
+        dim: output dimension of the whitening layer (``None``: as many as learned).
+        image_sizes: longer side(s) of the resized input, in pixels.
+        scale_weights: weight of each size in the multi-scale sum (paper Eq. 3).
+    """
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    head: str = "remap"
+    layers: list[int | str] | None = None
+    levels: int = 4
+    full_map: bool = False
+    gem_p: float = 3.0
+    spoc_centre_prior: bool = False
+    whitening: bool = False
+    dim: int | None = None
+    image_sizes: list[int] = field(default_factory=lambda: [1024])
+    scale_weights: list[float] = field(default_factory=lambda: [1.0])
+
+    def __post_init__(self):
+        self.head = self.head.lower()
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
+        if self.layers is None:
+            self.layers = [1, 2] if self.head == "remap" else [1]
+        self.layers = [int(x) if isinstance(x, str) and x.isdigit() else x for x in self.layers]
+        if not self.layers:
+            raise ValueError("at least one layer is needed")
+        self.image_sizes = [int(s) for s in self.image_sizes]
+        self.scale_weights = [float(w) for w in self.scale_weights]
+        if len(self.image_sizes) != len(self.scale_weights):
+            raise ValueError(
+                f"{len(self.image_sizes)} image sizes but {len(self.scale_weights)} scale weights"
+            )
+        if any(s < 32 for s in self.image_sizes):
+            raise ValueError(f"image sizes must be at least 32 pixels, got {self.image_sizes}")
+        if self.levels < 1:
+            raise ValueError(f"levels must be >= 1, got {self.levels}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def digest(self) -> str:
+        """12 hex digits identifying this exact configuration."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as YAML (``.yaml``/``.yml``) or JSON (anything else), atomically."""
+        path = os.fspath(path)
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            text = json.dumps(self.to_dict(), indent=2)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelConfig":
+        path = os.fspath(path)
+        with open(path) as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                data = yaml.safe_load(f)
+            else:
+                data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a model config must be a mapping, got {type(data).__name__}")
+        data = data.get("model", data)
+        return cls.from_dict(data)

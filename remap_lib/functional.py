@@ -1,0 +1,239 @@
+"""The math of global descriptors, as small pure tensor functions.
+
+Every function here takes feature maps laid out as ``(N, C, H, W)`` (a batch of
+``N`` maps with ``C`` channels) and is vectorised over images, channels and
+regions: there is no Python loop over regions at run time.  The ``nn.Module``
+wrappers in :mod:`remap_lib.pooling` hold parameters and call these.
+
+Conventions
+-----------
+* A *box* is ``[x0, y0, x1, y1]`` in feature-map cells, half-open, so the box
+  covers ``x[..., y0:y1, x0:x1]``.  Boxes are int64 tensors of shape ``(R, 4)``.
+* Descriptors are ``(N, D)``; "L2" always means along the last dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "l2n",
+    "rmac_regions",
+    "roi_max_pool",
+    "mac",
+    "spoc",
+    "spoc_centre_prior",
+    "gem",
+    "rmac",
+    "weighted_region_sum",
+]
+
+
+def l2n(x: torch.Tensor, eps: float = 1e-6, dim: int = -1) -> torch.Tensor:
+    """L2-normalise ``x`` along ``dim`` (``eps`` keeps an all-zero vector finite)."""
+    return x / (x.norm(p=2, dim=dim, keepdim=True) + eps)
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def rmac_regions(
+    height: int,
+    width: int,
+    levels: int = 3,
+    *,
+    full_map: bool = False,
+    overlap: float = 0.4,
+    return_levels: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The rigid multi-scale grid of square regions of R-MAC (Tolias et al. 2016).
+
+    This is the region sampling the REMAP paper's ROI block uses (§III, "the
+    overlap between consecutive regions is as close as possible to 40%") and
+    the rule of cirtorch's ``rmac``.  At level ``l`` (1-based) the regions are
+    squares of side ``floor(2·min(H, W) / (l + 1))`` placed uniformly; along
+    the longer side, level 1 gets the extra regions that bring the overlap of
+    neighbouring squares closest to ``overlap``, and every level keeps that
+    excess.  On a 24×32 (or 32×24) map, i.e. a 768×1024 image at stride 32,
+    ``levels`` = 2/3/4/5 give 8/20/40/70 regions, the paper's Table I.
+
+    Args:
+        height, width: size of the feature map in cells.
+        levels: number of scales ``S``; levels ``1..S`` are all included.
+        full_map: prepend the whole-map region (what cirtorch's ``rmac`` adds;
+            the paper's region counts do not include it).
+        overlap: target overlap of neighbouring regions at level 1.
+        return_levels: also return each box's level (0 for the full map).
+
+    Returns:
+        ``(R, 4)`` int64 tensor of boxes ``[x0, y0, x1, y1]`` (half-open),
+        full map first (if asked), then level 1, level 2, ...; within a level
+        row-major (top to bottom, left to right).  With ``return_levels``, a
+        tuple ``(boxes, levels)`` with ``levels`` an ``(R,)`` int64 tensor.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"feature map must be at least 1x1, got {height}x{width}")
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    short, long = min(height, width), max(height, width)
+
+    extra = 0  # extra regions along the longer side, chosen once for all levels
+    if height != width:
+        candidates = range(2, 8)  # total regions along the long side at level 1
+        steps = [(long - short) / (n - 1) for n in candidates]
+        errors = [abs((short * short - short * b) / (short * short) - overlap) for b in steps]
+        extra = errors.index(min(errors)) + 1
+    extra_w = extra if height < width else 0
+    extra_h = extra if height > width else 0
+
+    def starts(n_regions: int, side: int, wl: int) -> list[int]:
+        # cirtorch: floor(wl2 + i*b) - wl2 with wl2 = floor(wl/2 - 1), b the step.
+        wl2 = math.floor(wl / 2 - 1)
+        step = 0.0 if n_regions == 1 else (side - wl) / (n_regions - 1)
+        return [math.floor(wl2 + i * step) - wl2 for i in range(n_regions)]
+
+    boxes: list[tuple[int, int, int, int]] = []
+    box_levels: list[int] = []
+    if full_map:
+        boxes.append((0, 0, width, height))
+        box_levels.append(0)
+    for level in range(1, levels + 1):
+        wl = math.floor(2 * short / (level + 1))
+        if wl == 0:  # map too small for this level
+            continue
+        xs = starts(level + extra_w, width, wl)
+        ys = starts(level + extra_h, height, wl)
+        boxes.extend((x, y, x + wl, y + wl) for y in ys for x in xs)
+        box_levels.extend([level] * (len(xs) * len(ys)))
+    boxes_t = torch.tensor(boxes, dtype=torch.long).reshape(-1, 4)
+    if return_levels:
+        return boxes_t, torch.tensor(box_levels, dtype=torch.long)
+    return boxes_t
+
+
+def _check_intervals(start: torch.Tensor, end: torch.Tensor, n: int) -> None:
+    if bool((end - start < 1).any()) or bool((start < 0).any()) or bool((end > n).any()):
+        raise ValueError(f"every box must be non-empty and inside the {n}-cell side of the map")
+
+
+def _range_max_table(x: torch.Tensor, longest: int) -> torch.Tensor:
+    """Sparse table for range-maximum queries along the last dim of ``x``.
+
+    ``table[k, ..., i]`` is the max of the ``2**k`` values ``x[..., i:i + 2**k]``
+    (``-inf`` past the end), for ``2**k <= longest``.  Building it costs
+    ``log2(longest)`` elementwise maxima; any interval of length ``L`` is then
+    covered by two overlapping runs of length ``2**floor(log2 L)``, so its max
+    is two gathers away (:func:`_interval_start_runs`).  Everything is
+    differentiable.  Returns ``(K + 1, *x.shape)``.
+    """
+    n = x.shape[-1]
+    tables = [x]
+    for j in range(1, int(math.log2(longest)) + 1):
+        half = 2 ** (j - 1)
+        prev = tables[-1]
+        tables.append(torch.maximum(prev[..., :-half], prev[..., half:]))
+    return torch.stack([F.pad(t, (0, n - t.shape[-1]), value=float("-inf")) for t in tables])
+
+
+def _interval_start_runs(start: torch.Tensor, end: torch.Tensor):
+    """Table level and the two run starts that cover each interval ``[start, end)``."""
+    k = torch.floor(torch.log2((end - start).double())).long()
+    return k, start, end - (1 << k)
+
+
+def roi_max_pool(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Max-pool every channel inside every box: the ROI block ζ of the paper (§III).
+
+    ``(N, C, H, W)`` × ``(R, 4)`` → ``(N, R, C)``.  The max over a rectangle is
+    the max over its rows of the max over its columns, so the pooling runs as
+    two vectorised range-maximum queries (:func:`_range_max_table`), one per
+    axis, with no loop over regions.  Differentiable: the gradient reaches the
+    arg-max cell of each region.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"expected (N, C, H, W) feature maps, got shape {tuple(x.shape)}")
+    boxes = boxes.to(device=x.device, dtype=torch.long).reshape(-1, 4)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    _check_intervals(x0, x1, x.shape[-1])
+    _check_intervals(y0, y1, x.shape[-2])
+
+    # Pass 1, along the columns: (R, N, C, H), the max over each box's columns.
+    k, a, b = _interval_start_runs(x0, x1)
+    table = _range_max_table(x, int((x1 - x0).max()))
+    col_max = torch.maximum(table[k, ..., a], table[k, ..., b])
+    # Pass 2, along the rows: box r reads its own column-max row r.
+    col_max = col_max.permute(1, 2, 0, 3)  # (N, C, R, H)
+    k, a, b = _interval_start_runs(y0, y1)
+    table = _range_max_table(col_max, int((y1 - y0).max()))
+    r = torch.arange(len(boxes), device=x.device)
+    pooled = torch.maximum(table[k, :, :, r, a], table[k, :, :, r, b])  # (R, N, C)
+    return pooled.permute(1, 0, 2)
+
+
+# --------------------------------------------------------------------------- global pooling
+
+
+def mac(x: torch.Tensor) -> torch.Tensor:
+    """Maximum Activations of Convolutions (Tolias et al.): spatial max, ``(N, C)``."""
+    return x.amax(dim=(-2, -1))
+
+
+def spoc_centre_prior(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """Babenko & Lempitsky's centre prior for SPoC: a Gaussian over the map.
+
+    ``w(y, x) = exp(-((y - yc)² + (x - xc)²) / (2σ²))`` with ``σ`` one third of
+    the distance from the centre to the closest border, cell centres at integer
+    coordinates.  Returns ``(H, W)``.
+    """
+    yc, xc = (height - 1) / 2, (width - 1) / 2
+    sigma = max(min(height, width) / 2, 0.5) / 3
+    ys = torch.arange(height, device=device, dtype=dtype or torch.float32)
+    xs = torch.arange(width, device=device, dtype=dtype or torch.float32)
+    d2 = (ys[:, None] - yc) ** 2 + (xs[None, :] - xc) ** 2
+    return torch.exp(-d2 / (2 * sigma**2))
+
+
+def spoc(x: torch.Tensor, centre_prior: bool = False) -> torch.Tensor:
+    """Sum-pooling of convolutional features (SPoC, Babenko & Lempitsky 2015): ``(N, C)``.
+
+    With ``centre_prior`` each cell is weighted by :func:`spoc_centre_prior`,
+    which favours objects near the middle of the photo.
+    """
+    if centre_prior:
+        x = x * spoc_centre_prior(x.shape[-2], x.shape[-1], x.device, x.dtype)
+    return x.sum(dim=(-2, -1))
+
+
+def gem(x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised-mean pooling (Radenović et al.): ``(mean(x^p))^(1/p)``, ``(N, C)``.
+
+    ``p = 1`` is average pooling, ``p → ∞`` approaches MAC.  Activations are
+    clamped at ``eps`` first, so negative responses count as zero.
+    """
+    return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+def weighted_region_sum(regions: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``W(r) = Σ_i α_i r(i)``: the REMAP stream's weighted sum (§III-B).
+
+    ``(N, R, C)`` × ``(R,)`` → ``(N, C)``.
+    """
+    if alpha.shape != regions.shape[1:2]:
+        raise ValueError(f"{regions.shape[1]} regions but {alpha.numel()} region weights")
+    return torch.einsum("nrc,r->nc", regions, alpha.to(regions.dtype))
+
+
+def rmac(x: torch.Tensor, levels: int = 3, full_map: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """Regional MAC: regions → max-pool → L2 → sum → L2, ``(N, C)``.
+
+    The regions are :func:`rmac_regions` of the map's own size, so the same
+    function serves any image size.  (Tolias et al. whiten each region before
+    the sum; here, as in the end-to-end R-MAC of Gordo et al., whitening is the
+    shared FC layer applied to the aggregated vector.)
+    """
+    boxes = rmac_regions(x.shape[-2], x.shape[-1], levels, full_map=full_map)
+    regions = l2n(roi_max_pool(x, boxes), eps)
+    return l2n(regions.sum(dim=1), eps)

@@ -1,0 +1,141 @@
+"""Reading user images robustly, and resizing them for the network.
+
+Every image goes through :func:`load_image`, which either returns an 8-bit RGB
+``PIL.Image`` in its upright orientation or raises :class:`ImageLoadError`
+naming the file and the reason.  The handling of unusual inputs, all logged:
+
+===================  =====================================================
+input                handling
+===================  =====================================================
+missing / unreadable error
+corrupt, truncated   error (a truncated JPEG is *not* silently grey-filled)
+EXIF orientation     applied (the photo is rotated upright first)
+grayscale, 1-bit     replicated to RGB
+palette              converted (through RGBA when it has transparency)
+alpha (RGBA, LA)     composited onto white (transparent areas read as white)
+CMYK, YCbCr, LAB     converted to RGB by PIL
+16/32-bit integer    rescaled from the full range of its bit depth to 8 bits
+floating point       error (no agreed range; convert the file first)
+too many pixels      error above ``max_pixels`` (decompression-bomb guard)
+too small            error when the shorter side after resizing is < 32 px
+===================  =====================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageLoadError",
+    "list_images",
+    "load_image",
+    "resize_longer_side",
+    "to_tensor",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+DEFAULT_MAX_PIXELS = 200_000_000
+MIN_SIDE = 32  # one feature-map cell at stride 32
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be used, with its path and the reason."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Image files under ``folder`` (recursively), sorted, by extension."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _to_rgb(img: Image.Image, path) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img)
+        bits = 16 if mode.startswith("I;16") or arr.max(initial=0) <= 65535 else 32
+        log.info("%s: %d-bit image rescaled to 8 bits", path, bits)
+        arr = np.clip(arr.astype(np.float64) * (255.0 / (2**bits - 1)), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "F":
+        raise ImageLoadError(path, "floating-point images are not supported; save it as 8- or 16-bit")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if img.mode == "RGB":
+            return img
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        log.info("%s: alpha channel composited onto white", path)
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode not in ("L", "1"):
+        log.info("%s: %s image converted to RGB", path, mode)
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``path`` as an upright 8-bit RGB image, or raise :class:`ImageLoadError`."""
+    if not os.path.isfile(path):
+        raise ImageLoadError(path, "file not found")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError(
+                    path, f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}; raise the limit "
+                    "if the file is trusted"
+                )
+            img.load()  # decode now, so corrupt or truncated data fails here
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img, path)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image file PIL can identify (corrupt or unsupported)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(path, f"refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(path, f"cannot decode ({exc}); the file may be truncated or corrupt") from None
+
+
+def resize_longer_side(img: Image.Image, size: int, path="<image>") -> Image.Image:
+    """Resize keeping the aspect ratio so that the longer side is ``size`` pixels.
+
+    Both down- and up-scaling, so that every image reaches the network at the
+    same scale (the paper feeds 1024×768).  Raises :class:`ImageLoadError` if
+    the shorter side would be under 32 pixels (less than one feature cell).
+    """
+    w, h = img.size
+    scale = size / max(w, h)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if min(new) < MIN_SIDE:
+        raise ImageLoadError(
+            path, f"{w}x{h} image is too small or too elongated: resized to {new[0]}x{new[1]}, "
+            f"its shorter side is under {MIN_SIDE} pixels"
+        )
+    if new == (w, h):
+        return img
+    return img.resize(new, Image.BILINEAR)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """``(3, H, W)`` float32 in ``[0, 1]``."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)

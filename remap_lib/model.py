@@ -1,0 +1,197 @@
+"""The descriptor network: backbone → per-layer pooling streams → [whitening FC] → L2.
+
+``RetrievalModel`` builds any of MAC, SPoC, GeM, R-MAC and REMAP from a
+:class:`~remap_lib.config.ModelConfig`; all five share the same optional
+whitening layer, so that they are compared on equal terms.
+
+Data flow for an image batch ``x`` (paper Fig. 1a for REMAP):
+
+1. ``maps = backbone(x, layers)`` (layer access function, Eq. 1);
+2. per layer, a stream: REMAP ``Σ α_i L2(ζ(map))_i``; baselines their pooling, L2;
+3. concatenate the streams (multi-layer aggregation), L2;
+4. optional FC initialised from PCA-whitening, then L2.
+
+Multi-scale descriptors (Eq. 3) are a weighted sum of the single-scale
+descriptors at several input sizes, L2-normalised (:meth:`RetrievalModel.multiscale`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import functional as RF
+from .backbones import FeatureBackbone, build_backbone
+from .config import ModelConfig
+from .pooling import GeM, MAC, RMAC, RemapStream, SPoC
+from .whitening import PCAWhitening
+
+__all__ = ["RetrievalModel", "WhiteningNotLearnedError"]
+
+CHECKPOINT_FORMAT = "remap-checkpoint-v1"
+
+
+class WhiteningNotLearnedError(RuntimeError):
+    """The config asks for a whitening layer that has not been learned yet."""
+
+
+def _stream(config: ModelConfig) -> nn.Module:
+    if config.head == "mac":
+        return MAC()
+    if config.head == "spoc":
+        return SPoC(config.spoc_centre_prior)
+    if config.head == "gem":
+        return GeM(config.gem_p)
+    if config.head == "rmac":
+        return RMAC(config.levels, config.full_map)
+    return RemapStream(config.levels, None, config.full_map)
+
+
+class RetrievalModel(nn.Module):
+    """A global image descriptor network.
+
+    Args:
+        config: what to build; its ``layers`` are resolved to stage names.
+        backbone: an already built backbone (else built from the config).
+    """
+
+    def __init__(self, config: ModelConfig, backbone: FeatureBackbone | None = None):
+        super().__init__()
+        config = copy.deepcopy(config)
+        self.backbone = backbone if backbone is not None else build_backbone(config.backbone, config.weights)
+        config.layers = list(self.backbone.resolve_layers(config.layers))
+        self.config = config
+        self.streams = nn.ModuleDict({layer: _stream(config) for layer in config.layers})
+        self.pooled_dim = sum(self.backbone.channels[layer] for layer in config.layers)
+        self.whiten: nn.Linear | None = None
+        self.register_buffer("whitening_learned", torch.tensor(False))
+        if config.whitening:
+            out = config.dim or self.pooled_dim
+            if out > self.pooled_dim:
+                raise ValueError(f"dim {out} exceeds the pooled dimension {self.pooled_dim}")
+            self.whiten = nn.Linear(self.pooled_dim, out)
+        self.eval()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def layers(self) -> list[str]:
+        return list(self.config.layers)
+
+    @property
+    def output_dim(self) -> int:
+        return self.whiten.out_features if self.whiten is not None else self.pooled_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ forward
+    def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.backbone(images, self.layers)
+
+    def pool(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised concatenation of the layer streams, before whitening: ``(N, D_in)``.
+
+        REMAP streams are concatenated as they are, so their region weights
+        also weigh the layers against each other (the paper's "region and layer
+        weighting"); baseline streams are L2-normalised first.
+        """
+        maps = self.feature_maps(images)
+        parts = []
+        for layer in self.layers:
+            v = self.streams[layer](maps[layer])
+            parts.append(v if self.config.head == "remap" else RF.l2n(v))
+        return RF.l2n(torch.cat(parts, dim=1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Descriptors ``(N, D)``, rows L2-normalised, for RGB ``images`` in ``[0, 1]``."""
+        x = self.pool(images)
+        if self.whiten is not None:
+            if not bool(self.whitening_learned):
+                raise WhiteningNotLearnedError(
+                    "this model has a whitening layer that was never learned; learn it with "
+                    "remap_lib.extract.learn_whitening / `remap whiten`, or load a checkpoint"
+                )
+            x = RF.l2n(self.whiten(x))
+        return x
+
+    def multiscale(self, images_per_scale: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Paper Eq. 3: ``L2(Σ_s w_s · X(image at size s))`` with the config's sizes and weights."""
+        if len(images_per_scale) != len(self.config.scale_weights):
+            raise ValueError(
+                f"{len(images_per_scale)} scales given, config has {len(self.config.scale_weights)}"
+            )
+        total = sum(w * self(x) for w, x in zip(self.config.scale_weights, images_per_scale))
+        return RF.l2n(total)
+
+    # ------------------------------------------------------------------ parameters
+    def region_weights(self) -> dict[str, torch.Tensor]:
+        """Current α (clamped, detached) of each REMAP stream, by layer."""
+        if self.config.head != "remap":
+            return {}
+        return {layer: self.streams[layer].alpha().detach().cpu() for layer in self.layers}
+
+    @torch.no_grad()
+    def set_region_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load α per layer (e.g. KL-divergences); layers not named keep theirs."""
+        if self.config.head != "remap":
+            raise ValueError(f"a {self.config.head} head has no region weights")
+        for layer, alpha in weights.items():
+            if layer not in self.layers:
+                raise ValueError(f"no stream for layer {layer!r}; streams: {self.layers}")
+            stream = self.streams[layer]
+            alpha = torch.as_tensor(alpha, dtype=torch.float32)
+            if alpha.shape != stream.alpha.raw.shape or bool((alpha < 0).any()):
+                raise ValueError(
+                    f"layer {layer}: need {stream.alpha.raw.numel()} non-negative weights, "
+                    f"got shape {tuple(alpha.shape)}"
+                )
+            stream.alpha.raw.copy_(alpha)
+
+    @torch.no_grad()
+    def set_whitening(self, whitening: PCAWhitening) -> None:
+        """Install PCA-whitening as the FC layer: weight ``P``, bias ``-P μ``."""
+        if whitening.input_dim != self.pooled_dim:
+            raise ValueError(
+                f"whitening was learned on {whitening.input_dim}-d descriptors; "
+                f"this model pools {self.pooled_dim}-d ones"
+            )
+        p = torch.as_tensor(whitening.projection, dtype=torch.float32)
+        mu = torch.as_tensor(whitening.mean, dtype=torch.float32)
+        self.whiten = nn.Linear(self.pooled_dim, p.shape[0]).to(self.whitening_learned.device)
+        self.whiten.weight.copy_(p)
+        self.whiten.bias.copy_(-(p @ mu))
+        self.whitening_learned.fill_(True)
+        self.config.whitening, self.config.dim = True, p.shape[0]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | os.PathLike) -> None:
+        """Config and weights in one file, written atomically."""
+        path = os.fspath(path)
+        blob = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+        tmp = path + ".tmp"
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location="cpu") -> "RetrievalModel":
+        """A model saved by :meth:`save`; read as data (``weights_only=True``)."""
+        try:
+            blob = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+        if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a remap checkpoint ({CHECKPOINT_FORMAT})")
+        config = ModelConfig.from_dict(blob["config"])
+        backbone = build_backbone(config.backbone, "random")  # every weight comes from the file
+        model = cls(config, backbone)
+        model.load_state_dict(blob["state_dict"], strict=True)
+        return model.eval()

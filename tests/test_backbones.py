@@ -1,0 +1,92 @@
+"""Backbones and their layer access function (remap_lib.backbones)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from remap_lib.backbones import BACKBONES, WeightsUnavailableError, build_backbone
+from remap_lib.images import load_image, resize_longer_side, to_tensor
+
+EGYPTIAN_CAT, TABBY, TIGER_CAT = 285, 281, 282
+
+
+def test_lite0_imagenet_weights_load_offline_and_classify_a_real_cat(lite0):
+    from skimage import data as skdata
+
+    img = load_image(Path(skdata.data_dir) / "chelsea.png")  # Chelsea the cat
+    x = to_tensor(resize_longer_side(img, 300))[None]
+    probs = lite0.classify(x).softmax(-1)[0]
+    top = probs.topk(3).indices.tolist()
+    assert top[0] in (EGYPTIAN_CAT, TABBY, TIGER_CAT)
+    assert probs[[EGYPTIAN_CAT, TABBY, TIGER_CAT]].sum() > 0.5
+
+
+def test_layer_access_returns_named_maps_and_stops_at_the_deepest(lite0):
+    calls = []
+    handle = lite0.stages["head"].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        maps = lite0(torch.rand(1, 3, 768, 1024), ["block15", "block14"])
+    finally:
+        handle.remove()
+    assert list(maps) == ["block15", "block14"]
+    assert maps["block15"].shape == (1, 320, 24, 32) and maps["block14"].shape == (1, 192, 24, 32)
+    assert calls == []  # the head stage never ran
+    assert lite0.resolve_layers([1, 2, 3]) == ("head", "block15", "block14")
+    assert lite0(torch.rand(1, 3, 768, 1024), ["head"])["head"].shape == (1, 1280, 24, 32)
+
+
+def test_same_padding_keeps_every_row_at_any_size(lite0):
+    # the package's default (image_size=224) would drop a row at other sizes
+    assert lite0(torch.rand(1, 3, 100, 300), ["head"])["head"].shape[-2:] == (4, 10)
+
+
+def test_unknown_layers_and_backbones_are_clear_errors(lite0):
+    with pytest.raises(ValueError, match="paper layer number"):
+        lite0.resolve_layers(["conv9"])
+    with pytest.raises(ValueError, match="layers 1..3"):
+        lite0.resolve_layers([4])
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("alexnet")
+    with pytest.raises(ValueError, match="ambiguous"):
+        build_backbone("efficientnet_lite0", weights=None)
+
+
+def test_missing_weight_file_is_an_error_not_a_random_model(tmp_path):
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        build_backbone("efficientnet_lite0", weights=str(tmp_path / "nope.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(WeightsUnavailableError, match="cannot read"):
+        build_backbone("resnet50", weights=str(tmp_path / "junk.pth"))
+
+
+@pytest.mark.parametrize("name,layers,shapes", [
+    ("resnet50", ("layer4_2", "layer4_1", "layer4_0"), [(2048, 4, 5), (2048, 4, 5)]),
+    ("vgg16", ("conv5_3", "conv5_2", "conv5_1"), [(512, 8, 10), (512, 8, 10)]),
+])
+def test_torchvision_backbones_random_and_local_file(tmp_path, name, layers, shapes):
+    torch.manual_seed(0)
+    net = build_backbone(name, weights="random")
+    assert net.paper_layers == layers
+    x = torch.rand(1, 3, 128, 160)
+    with torch.no_grad():
+        maps = net(x, list(layers[:2]))
+    assert [tuple(m.shape[1:]) for m in maps.values()] == shapes
+    # a local checkpoint (here: the random net's own weights) loads exactly
+    import torchvision
+
+    tv = torchvision.models.get_model(name, weights=None)
+    torch.save({"state_dict": tv.state_dict()}, tmp_path / "w.pth")
+    loaded = build_backbone(name, weights=str(tmp_path / "w.pth"))
+    ref = torchvision.models.get_model(name, weights=None)
+    ref.load_state_dict(tv.state_dict())
+    ref.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.classify(x), ref(loaded.normalise(x)), atol=1e-5)
+
+
+def test_registry_lists_the_papers_backbones():
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet101",
+            "resnext101_32x8d", "vgg16"} <= set(BACKBONES)

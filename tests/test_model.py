@@ -1,0 +1,117 @@
+"""The descriptor network (remap_lib.model): heads, whitening FC, gradients, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from remap_lib import functional as RF
+from remap_lib.backbones import build_backbone
+from remap_lib.config import HEADS, PAPER_MULTISCALE, ModelConfig
+from remap_lib.model import RetrievalModel, WhiteningNotLearnedError
+from remap_lib.whitening import learn_pca_whitening
+
+
+@pytest.fixture()
+def random_lite0():
+    torch.manual_seed(0)
+    return build_backbone("efficientnet_lite0", weights="random")
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_gives_unit_rows_of_the_right_dimension(head, lite0):
+    model = RetrievalModel(ModelConfig(head=head), backbone=lite0)
+    x = torch.rand(2, 3, 96, 128)
+    with torch.no_grad():
+        d = model(x)
+    assert d.shape == (2, 1600 if head == "remap" else 1280)
+    assert torch.allclose(d.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_remap_is_the_concatenation_of_weighted_streams(lite0):
+    model = RetrievalModel(ModelConfig(head="remap", layers=[1, 2], levels=3), backbone=lite0)
+    assert model.layers == ["head", "block15"]
+    x = torch.rand(1, 3, 768, 1024)
+    with torch.no_grad():
+        maps = lite0(x, ["head", "block15"])
+        expected = []
+        for k in ("head", "block15"):
+            regions = RF.l2n(RF.roi_max_pool(maps[k], RF.rmac_regions(24, 32, 3)))
+            expected.append(regions.sum(1))
+        expected = RF.l2n(torch.cat(expected, 1))  # alpha = 1: plain sums, no per-stream L2
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_whitening_fc_equals_pca_whitening(random_lite0):
+    model = RetrievalModel(ModelConfig(head="rmac", levels=2), backbone=random_lite0)
+    torch.manual_seed(1)
+    x = torch.rand(40, 3, 64, 64)
+    with torch.no_grad():
+        pooled = model.pool(x).numpy()
+    w = learn_pca_whitening(pooled, dim=16)
+    model.set_whitening(w)
+    assert model.output_dim == 16 and model.config.dim == 16 and model.config.whitening
+    with torch.no_grad():
+        d = model(x).numpy()
+    assert np.allclose(d, w.apply(pooled), atol=1e-4)
+
+
+def test_unlearned_whitening_is_refused(random_lite0):
+    model = RetrievalModel(ModelConfig(head="mac", whitening=True, dim=8), backbone=random_lite0)
+    with pytest.raises(WhiteningNotLearnedError):
+        model(torch.rand(1, 3, 64, 64))
+
+
+def test_gradients_reach_backbone_alpha_and_fc(random_lite0):
+    model = RetrievalModel(ModelConfig(head="remap", levels=2), backbone=random_lite0)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        pooled = model.pool(torch.rand(30, 3, 64, 64)).numpy()
+    model.set_whitening(learn_pca_whitening(pooled, dim=8))
+    model.train()
+    d = model(torch.rand(2, 3, 64, 64))
+    (d[0] @ d[1]).backward()
+    conv = model.backbone.stages["block3"]._depthwise_conv.weight
+    for name, p in [("backbone conv", conv), ("alpha head", model.streams["head"].alpha.raw),
+                    ("alpha block15", model.streams["block15"].alpha.raw), ("fc", model.whiten.weight)]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_multiscale_is_the_weighted_sum_of_eq_3(lite0):
+    model = RetrievalModel(ModelConfig(head="rmac", **PAPER_MULTISCALE), backbone=lite0)
+    a, b = torch.rand(1, 3, 96, 128), torch.rand(1, 3, 120, 160)
+    with torch.no_grad():
+        expected = RF.l2n(2.0 * model(a) + 1.4 * model(b))
+        assert torch.allclose(model.multiscale([a, b]), expected, atol=1e-6)
+
+
+def test_checkpoint_round_trip(tmp_path, random_lite0):
+    model = RetrievalModel(ModelConfig(head="remap", levels=2, weights="random"), backbone=random_lite0)
+    with torch.no_grad():
+        model.set_region_weights({"head": torch.linspace(0, 1, 8)})
+        pooled = model.pool(torch.rand(20, 3, 64, 64)).numpy()
+    model.set_whitening(learn_pca_whitening(pooled, dim=10))
+    model.save(tmp_path / "m.pt")
+    loaded = RetrievalModel.load(tmp_path / "m.pt")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert loaded.config == model.config
+    assert torch.equal(loaded.region_weights()["head"], torch.linspace(0, 1, 8))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        RetrievalModel.load(tmp_path / "bad.pt")
+
+
+def test_config_round_trip_and_digest(tmp_path):
+    c = ModelConfig(head="gem", levels=3, image_sizes=[512])
+    for name in ("c.yaml", "c.json"):
+        c.save(tmp_path / name)
+        assert ModelConfig.load(tmp_path / name) == c
+    assert c.digest() != ModelConfig(head="gem", levels=3, image_sizes=[1024]).digest()
+    assert ModelConfig().layers == [1, 2] and ModelConfig(head="mac").layers == [1]
+    with pytest.raises(ValueError, match="unknown head"):
+        ModelConfig(head="vlad")
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        ModelConfig.from_dict({"hed": "mac"})
