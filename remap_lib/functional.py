@@ -160,16 +160,16 @@ def roi_max_pool(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     _check_intervals(x0, x1, x.shape[-1])
     _check_intervals(y0, y1, x.shape[-2])
 
-    # Pass 1, along the columns: (R, N, C, H), the max over each box's columns.
-    k, a, b = _interval_start_runs(x0, x1)
-    table = _range_max_table(x, int((x1 - x0).max()))
-    col_max = torch.maximum(table[k, ..., a], table[k, ..., b])
-    # Pass 2, along the rows: box r reads its own column-max row r.
-    col_max = col_max.permute(1, 2, 0, 3)  # (N, C, R, H)
+    # Pass 1, along the columns, once per distinct column range (a grid's boxes
+    # share them: 14 ranges for the 40 boxes of 4 levels): (U, N, C, H).
+    cols, col_of_box = torch.unique(boxes[:, 0::2], dim=0, return_inverse=True)
+    k, a, b = _interval_start_runs(cols[:, 0], cols[:, 1])
+    table = _range_max_table(x, int((cols[:, 1] - cols[:, 0]).max()))
+    col_max = torch.maximum(table[k, ..., a], table[k, ..., b]).permute(1, 2, 0, 3)  # (N, C, U, H)
+    # Pass 2, along the rows: box r reads the rows y0[r]:y1[r] of its column range.
     k, a, b = _interval_start_runs(y0, y1)
     table = _range_max_table(col_max, int((y1 - y0).max()))
-    r = torch.arange(len(boxes), device=x.device)
-    pooled = torch.maximum(table[k, :, :, r, a], table[k, :, :, r, b])  # (R, N, C)
+    pooled = torch.maximum(table[k, :, :, col_of_box, a], table[k, :, :, col_of_box, b])  # (R, N, C)
     return pooled.permute(1, 0, 2)
 
 

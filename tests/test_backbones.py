@@ -90,3 +90,27 @@ def test_torchvision_backbones_random_and_local_file(tmp_path, name, layers, sha
 def test_registry_lists_the_papers_backbones():
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet101",
             "resnext101_32x8d", "vgg16"} <= set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_lite2_weights_are_real(name):
+    from skimage import data as skdata
+
+    net = build_backbone(name)
+    x = to_tensor(resize_longer_side(load_image(Path(skdata.data_dir) / "chelsea.png"), 300))[None]
+    assert net.classify(x).argmax(-1).item() in (EGYPTIAN_CAT, TABBY, TIGER_CAT)
+
+
+def test_offline_torchvision_weights_give_a_clear_error(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    enum = type(torchvision.models.get_model_weights("resnet50").DEFAULT)
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(enum, "get_state_dict", offline)
+    with pytest.raises(WeightsUnavailableError, match="Offline.*--weights FILE"):
+        build_backbone("resnet50")
