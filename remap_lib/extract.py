@@ -33,7 +33,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, list_images, load_image, resize_longer_side, to_tensor
+from .images import (DEFAULT_MAX_PIXELS, ImageLoadError, ImageSpec, list_images, load_spec, resize_longer_side,
+                     to_tensor)
 from .model import RetrievalModel
 from .whitening import PCAWhitening, learn_pca_whitening
 
@@ -45,7 +46,11 @@ ON_ERROR = ("skip", "raise")
 
 @dataclass
 class Descriptors:
-    """Extraction result: row ``i`` of ``descriptors`` describes ``paths[i]``."""
+    """Extraction result: row ``i`` of ``descriptors`` describes ``paths[i]``.
+
+    ``paths`` holds each input's :attr:`ImageSpec.key`: the file path itself,
+    with ``|rot=`` / ``|crop=`` appended for rotated or cropped inputs.
+    """
 
     paths: list[str]
     descriptors: np.ndarray
@@ -53,16 +58,14 @@ class Descriptors:
     config: dict | None = None
 
 
-def resolve_images(images) -> list[str]:
-    """A folder, a list of paths, or any object with an ``images``/``paths`` list → paths."""
+def resolve_images(images) -> list[ImageSpec]:
+    """A folder, a path, a list of paths / :class:`ImageSpec`, or a dataset (its ``images``) → specs."""
     if isinstance(images, (str, os.PathLike)):
-        if os.path.isdir(images):
-            return list_images(images)
-        return [os.fspath(images)]
-    for attr in ("images", "paths"):
-        if hasattr(images, attr) and not callable(getattr(images, attr)):
-            return [os.fspath(p) for p in getattr(images, attr)]
-    return [os.fspath(p) for p in images]
+        paths = list_images(images) if os.path.isdir(images) else [os.fspath(images)]
+        return [ImageSpec(p) for p in paths]
+    if hasattr(images, "images") and not callable(images.images):
+        images = images.images
+    return [im if isinstance(im, ImageSpec) else ImageSpec(os.fspath(im)) for im in images]
 
 
 def select_device(device: str | torch.device = "auto") -> torch.device:
@@ -74,17 +77,17 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
 class _ImageDataset(Dataset):
     """Item ``i``: ``(i, [tensor per image size])`` or ``(i, error message)``."""
 
-    def __init__(self, paths: Sequence[str], sizes: Sequence[int], max_pixels: int):
-        self.paths, self.sizes, self.max_pixels = list(paths), list(sizes), max_pixels
+    def __init__(self, specs: Sequence[ImageSpec], sizes: Sequence[int], max_pixels: int):
+        self.specs, self.sizes, self.max_pixels = list(specs), list(sizes), max_pixels
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.specs)
 
     def __getitem__(self, i):
-        path = self.paths[i]
+        spec = self.specs[i]
         try:
-            img = load_image(path, self.max_pixels)
-            return i, [to_tensor(resize_longer_side(img, s, path)) for s in self.sizes]
+            img = load_spec(spec, self.max_pixels)
+            return i, [to_tensor(resize_longer_side(img, s, spec.path)) for s in self.sizes]
         except ImageLoadError as exc:
             return i, exc.reason
 
@@ -204,7 +207,8 @@ def extract_descriptors(
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    paths = resolve_images(images)
+    specs = resolve_images(images)
+    paths = [spec.key for spec in specs]
     if len(set(paths)) != len(paths):
         raise ValueError("the image list contains duplicates")
     device = select_device(device)
@@ -220,11 +224,12 @@ def extract_descriptors(
         writer = _PartWriter(out_path, save_every)
         if done:
             log.info("resuming: %d of %d images already extracted in %s", len(done), len(paths), out_dir)
-    todo = [p for p in paths if p not in done]
+    todo_specs = [spec for spec in specs if spec.key not in done]
+    todo = [spec.key for spec in todo_specs]
 
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) // 2))
-    dataset = _ImageDataset(todo, model.config.image_sizes, max_pixels)
+    dataset = _ImageDataset(todo_specs, model.config.image_sizes, max_pixels)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers if todo else 0,
                         pin_memory=device.type == "cuda")
     failed: list[tuple[str, str]] = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
+    "ImageSpec",
+    "load_spec",
     "list_images",
     "load_image",
     "resize_longer_side",
@@ -53,6 +56,29 @@ class ImageLoadError(ValueError):
     def __init__(self, path, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """An image to describe: a file, optionally cropped (``box`` in pixels) and rotated.
+
+    ``box`` is ``(x0, y0, x1, y1)`` in the upright image; ``rotate`` is a
+    counter-clockwise angle in degrees (multiples of 90), applied first.
+    """
+
+    path: str
+    box: tuple[float, float, float, float] | None = None
+    rotate: int = 0
+
+    @property
+    def key(self) -> str:
+        """A string naming this exact input (used to resume extractions)."""
+        key = self.path
+        if self.rotate:
+            key += f"|rot={self.rotate}"
+        if self.box is not None:
+            key += "|crop=" + ",".join(f"{v:.2f}" for v in self.box)
+        return key
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
@@ -139,3 +165,22 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     """``(3, H, W)`` float32 in ``[0, 1]``."""
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def load_spec(spec: "ImageSpec | str", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load an :class:`ImageSpec`: the upright image, rotated, then cropped to its box."""
+    if not isinstance(spec, ImageSpec):
+        spec = ImageSpec(os.fspath(spec))
+    img = load_image(spec.path, max_pixels)
+    if spec.rotate % 360:
+        if spec.rotate % 90:
+            raise ImageLoadError(spec.path, f"rotation must be a multiple of 90 degrees, got {spec.rotate}")
+        img = img.rotate(spec.rotate, expand=True)
+    if spec.box is not None:
+        x0, y0, x1, y1 = spec.box
+        w, h = img.size
+        box = (max(0, round(x0)), max(0, round(y0)), min(w, round(x1)), min(h, round(y1)))
+        if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+            raise ImageLoadError(spec.path, f"crop box {spec.box} lies outside the {w}x{h} image")
+        img = img.crop(box)
+    return img
