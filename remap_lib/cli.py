@@ -3,7 +3,10 @@
     remap backbones                      list backbones and their layers
     remap extract IMAGES... -o OUT       describe images (resumable)
     remap whiten OUT -o whitening.npz    learn PCA-whitening from extracted descriptors
-    remap demo                           describe a few packaged photos, print similarities
+    remap evaluate -d DATASET -m METHOD  methods x datasets -> table (CSV/JSON)
+    remap demo-data                      build the embedded demo benchmark
+    remap download NAME --root DIR       fetch a standard benchmark (online users)
+    remap demo                           the main job: demo benchmark end to end
 
 Every subcommand takes the model options (``--backbone``, ``--head``,
 ``--layers``, ``--levels``, ``--image-size``, ``--multiscale``, ``--config FILE``).
@@ -37,26 +40,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--whitening", help="PCA-whitening file (.npz) from `remap whiten`")
 
 
+def config_from_args(args, head: str | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` the command-line options describe (``head`` overrides ``--head``)."""
+    data = ModelConfig.load(args.config).to_dict() if args.config else {}
+    for key in ("backbone", "weights", "head", "layers", "levels"):
+        if getattr(args, key, None) is not None:
+            data[key] = getattr(args, key)
+    if head is not None:
+        data["head"] = head
+    if "head" in data and not args.layers and not args.config:
+        data["layers"] = None  # the head's default layers
+    if args.multiscale:
+        data.update({k: list(v) for k, v in PAPER_MULTISCALE.items()})
+    elif args.image_size:
+        data["image_sizes"], data["scale_weights"] = [args.image_size], [1.0]
+    data["whitening"], data["dim"] = False, None
+    return ModelConfig(**data)
+
+
 def model_from_args(args):
     """Build the :class:`RetrievalModel` the command-line options describe."""
     from .model import RetrievalModel
     from .whitening import PCAWhitening
 
-    if args.checkpoint:
-        model = RetrievalModel.load(args.checkpoint)
-    else:
-        data = ModelConfig.load(args.config).to_dict() if args.config else {}
-        for key in ("backbone", "weights", "head", "layers", "levels"):
-            if getattr(args, key, None) is not None:
-                data[key] = getattr(args, key)
-        if args.head and not args.layers and not args.config:
-            data["layers"] = None  # the head's default layers
-        if args.multiscale:
-            data.update({k: list(v) for k, v in PAPER_MULTISCALE.items()})
-        elif args.image_size:
-            data["image_sizes"], data["scale_weights"] = [args.image_size], [1.0]
-        data["whitening"], data["dim"] = False, None
-        model = RetrievalModel(ModelConfig(**data))
+    model = RetrievalModel.load(args.checkpoint) if args.checkpoint else RetrievalModel(config_from_args(args))
     if args.whitening:
         model.set_whitening(PCAWhitening.load(args.whitening))
     return model
@@ -103,9 +110,77 @@ def cmd_whiten(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_IMAGE_SIZE, run_demo
 
-    run_demo(image_size=args.image_size or 512, out_dir=args.out)
+    run_demo(out_dir=args.out, image_size=args.image_size or DEMO_IMAGE_SIZE, progress=not args.quiet)
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from .demo_data import build_demo_set, load_demo_set
+
+    root = build_demo_set(args.out, force=args.force)
+    print(load_demo_set(root, build=False).summary())
+    print(f"in {root}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .download import DownloadError, download_benchmark
+
+    try:
+        folder = download_benchmark(args.name, args.root)
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name} is in {folder}")
+    return 0
+
+
+def _parse_datasets(specs: list[str], crop: bool, allow_missing: bool) -> dict:
+    from .datasets import load_dataset
+
+    datasets = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        kwargs = {}
+        if path != "demo":
+            from pathlib import Path
+
+            root = Path(path)
+            if list(root.glob("gnd_*.pkl")) or list(root.glob("gt/*_query.txt")):
+                kwargs["crop_queries"] = crop
+            if allow_missing and not list(root.glob("[0-9]" * 6 + ".jpg")):
+                kwargs["allow_missing"] = True
+        ds = load_dataset(path, **kwargs)
+        datasets[name or ds.name] = ds
+    return datasets
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import COLOUR_HISTOGRAM, evaluate, format_table
+
+    datasets = _parse_datasets(args.dataset, not args.no_crop, args.allow_missing)
+    for ds in datasets.values():
+        print(ds.summary())
+    if args.checkpoint or args.whitening:
+        print("error: evaluate compares heads off the shelf; use extract for checkpoints", file=sys.stderr)
+        return 2
+    methods = {}
+    for m in args.method:
+        if m in ("colour", "color", COLOUR_HISTOGRAM):
+            methods["colour histogram"] = COLOUR_HISTOGRAM
+        elif m in HEADS:
+            methods[m] = config_from_args(args, head=m)
+        else:
+            print(f"error: unknown method {m!r}; choose from {', '.join(HEADS)}, colour", file=sys.stderr)
+            return 2
+    results = evaluate(methods, datasets, args.out, cache_dir=args.cache, device=args.device,
+                       progress=not args.quiet)
+    print()
+    print(format_table(results))
+    if args.out:
+        print(f"\nsaved {args.out}/results.csv and results.json")
     return 0
 
 
@@ -136,9 +211,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=None, help="output dimension (default: all the data supports)")
     p.set_defaults(func=cmd_whiten)
 
-    p = sub.add_parser("demo", help="describe packaged photos and print their similarity matrix")
-    p.add_argument("--image-size", type=int, default=None, help="longer side (default 512)")
-    p.add_argument("-o", "--out", default=None, help="also save descriptors and the matrix here")
+    p = sub.add_parser("evaluate", help="methods x datasets -> table")
+    p.add_argument("-d", "--dataset", action="append", required=True,
+                   help="[NAME=]PATH of a benchmark folder (revisited, Oxford/Paris, Holidays, UKBench, "
+                        "folder of groups, CSV) or 'demo'; repeat for several")
+    p.add_argument("-m", "--method", nargs="+", default=["mac", "spoc", "gem", "rmac", "remap", "colour"],
+                   help="heads (mac spoc gem rmac remap) and/or 'colour' (histogram baseline)")
+    p.add_argument("-o", "--out", default=None, help="folder for results.csv / results.json")
+    p.add_argument("--cache", default=None, help="folder to cache descriptors (resumable)")
+    p.add_argument("--no-crop", action="store_true", help="do not crop revisited/Oxford queries (non-standard)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="evaluate on the images present when the ground truth names missing ones")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo-data", help="build the embedded demo benchmark")
+    p.add_argument("-o", "--out", default=None, help="folder (default data/cache/demo)")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.set_defaults(func=cmd_demo_data)
+
+    from .download import BENCHMARKS
+
+    p = sub.add_parser("download", help="download a standard benchmark (needs internet)")
+    p.add_argument("name", choices=list(BENCHMARKS))
+    p.add_argument("--root", required=True, help="folder to put it in (a sub-folder per benchmark)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("demo", help="the main job: demo benchmark, five methods, table and picture")
+    p.add_argument("--image-size", type=int, default=None, help="longer side (default 640)")
+    p.add_argument("-o", "--out", default=None, help="output folder (default runs/demo-<time>)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,70 +1,63 @@
-"""A first look: describe a few real photographs that ship with scikit-image.
+"""The main job (``make demo`` / ``remap demo``): the demo benchmark end to end, offline.
 
-The set holds a real two-view pair (scikit-image's Middlebury stereo
-``motorcycle_left``/``motorcycle_right``), a generated second view of
-``chelsea`` (a crop with a small rotation and a brightness change, so the
-match is known by construction) and unrelated photos.  Each pair should be
-more similar to its partner than to anything else, for every head.
+1. build the embedded demo set from packaged photographs (:mod:`remap_lib.demo_data`);
+2. describe it with EfficientNet-Lite0 off the shelf under MAC, SPoC, GeM,
+   R-MAC and REMAP (two layers, 40 regions, α = 1 until KL weights exist), and
+   a colour-histogram baseline;
+3. print the table (mAP %, overall and per challenge) and save it as CSV/JSON
+   with the configs, plus a picture of queries with their top results framed
+   green when correct (the paper's Fig. 9).
+
+Outputs go to ``runs/demo-<timestamp>/``.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
-from .config import HEADS, ModelConfig
-from .extract import extract_descriptors
-from .model import RetrievalModel
+from .config import ModelConfig
+from .demo_data import load_demo_set
+from .evaluate import COLOUR_HISTOGRAM, MethodResult, evaluate, format_table
 
-__all__ = ["demo_images", "run_demo"]
+__all__ = ["demo_methods", "run_demo"]
 
-PHOTOS = ["motorcycle_left.png", "motorcycle_right.png", "chelsea.png", "astronaut.png",
-          "coffee.png", "rocket.jpg"]
-
-
-def demo_images(workdir: str | os.PathLike) -> list[str]:
-    """Paths of the demo photos; the generated chelsea view is written to ``workdir``."""
-    from PIL import Image, ImageEnhance
-    from skimage import data as skdata
-
-    src = Path(skdata.data_dir)
-    paths = [str(src / name) for name in PHOTOS]
-    with Image.open(src / "chelsea.png") as img:
-        w, h = img.size
-        view = img.convert("RGB").crop((int(0.1 * w), int(0.05 * h), int(0.85 * w), int(0.95 * h)))
-        view = view.rotate(8, resample=Image.BILINEAR, expand=False)
-        view = ImageEnhance.Brightness(view).enhance(0.7)
-    out = Path(workdir) / "chelsea_view.png"
-    view.save(out)
-    paths.insert(3, str(out))
-    return paths
+DEMO_IMAGE_SIZE = 640  # the demo photos are stored at 640 px; larger would only upsample
 
 
-def run_demo(image_size: int = 512, out_dir: str | os.PathLike | None = None, heads=HEADS) -> dict:
-    """Describe the demo photos with every head and print each cosine-similarity matrix."""
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = demo_images(tmp)
-        names = [Path(p).stem for p in paths]
-        for head in heads:
-            model = RetrievalModel(ModelConfig(head=head, image_sizes=[image_size]))
-            desc = extract_descriptors(model, paths, progress=False, num_workers=0).descriptors
-            sim = desc @ desc.T
-            results[head] = sim
-            print(f"\n{head.upper()} ({model.output_dim}-d, {model.config.backbone}, layers "
-                  f"{','.join(model.layers)}): cosine similarity")
-            width = max(len(n) for n in names)
-            print(" " * width + "".join(f"{n[:9]:>10s}" for n in names))
-            for n, row in zip(names, sim):
-                print(f"{n:>{width}s}" + "".join(f"{v:10.3f}" for v in row))
-            nearest = [names[j] for j in np.argsort(-sim, axis=1)[:, 1]]
-            print("nearest other image: " + ", ".join(f"{a}->{b}" for a, b in zip(names, nearest)))
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / "demo_similarity.npz", names=np.array(names), **results)
-        print(f"\nsaved {out / 'demo_similarity.npz'}")
+def demo_methods(image_size: int = DEMO_IMAGE_SIZE) -> dict:
+    """The methods compared by the main job, all on EfficientNet-Lite0 off the shelf."""
+    sizes = [image_size]
+    return {
+        "colour histogram": COLOUR_HISTOGRAM,
+        "MAC": ModelConfig(head="mac", image_sizes=sizes),
+        "SPoC": ModelConfig(head="spoc", image_sizes=sizes),
+        "GeM": ModelConfig(head="gem", image_sizes=sizes),
+        "R-MAC": ModelConfig(head="rmac", levels=4, image_sizes=sizes),
+        "REMAP (a=1)": ModelConfig(head="remap", layers=[1, 2], levels=4, image_sizes=sizes),
+    }
+
+
+def run_demo(out_dir: str | os.PathLike | None = None, image_size: int = DEMO_IMAGE_SIZE,
+             progress: bool = True) -> list[MethodResult]:
+    """Run the main job; returns the results and writes them to ``out_dir``."""
+    out = Path(out_dir) if out_dir is not None else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    dataset = load_demo_set()
+    print(dataset.summary())
+    results = evaluate(demo_methods(image_size), {"demo": dataset}, out, cache_dir=out / "descriptors",
+                       progress=progress)
+    print("\nmAP (%) on the demo set, overall and by challenge:\n")
+    print(format_table(results))
+
+    from .plots import plot_query_results
+
+    shown = {r.method: r.descriptors for r in results if r.method in ("R-MAC", "REMAP (a=1)")}
+    aps = np.array(results[-1].scores["all"]["aps"])
+    queries = sorted(np.argsort(aps)[:2].tolist() + np.argsort(-aps)[:1].tolist())  # two hardest, one easy
+    fig = plot_query_results(dataset, shown, queries, top_k=6, path=out / "queries.png")
+    fig.clf()
+    print(f"\nresults: {out / 'results.csv'}, {out / 'results.json'}; picture: {out / 'queries.png'}")
     return results

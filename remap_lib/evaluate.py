@@ -104,6 +104,7 @@ class MethodResult:
     seconds: float
     config: dict | None = None
     notes: list[str] = field(default_factory=list)
+    descriptors: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # (db, queries)
 
     def rows(self) -> list[dict]:
         rows = []
@@ -144,7 +145,7 @@ def evaluate(methods: Mapping[str, object], datasets: Mapping[str, RetrievalData
             config = (method.to_dict() if isinstance(method, ModelConfig)
                       else method.config.to_dict() if isinstance(method, RetrievalModel) else None)
             results.append(MethodResult(name, ds_name, scores, int(db.shape[1]), time.perf_counter() - t,
-                                        config, list(dataset.notes)))
+                                        config, list(dataset.notes), (db, q)))
             log.info("%s on %s: %s", name, ds_name,
                      ", ".join(f"{p} {100 * s['map']:.2f}" for p, s in scores.items()))
     if out_dir is not None:
