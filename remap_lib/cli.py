@@ -37,13 +37,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, help="longer side of the resized input (default 1024)")
     g.add_argument("--multiscale", action="store_true",
                    help="paper Eq. 3: 2*X(1024) + 1.4*X(1280)")
+    g.add_argument("--upscale", action="store_true", default=None,
+                   help="also enlarge images smaller than --image-size (off: the standard protocol)")
     g.add_argument("--whitening", help="PCA-whitening file (.npz) from `remap whiten`")
 
 
 def config_from_args(args, head: str | None = None) -> ModelConfig:
     """The :class:`ModelConfig` the command-line options describe (``head`` overrides ``--head``)."""
     data = ModelConfig.load(args.config).to_dict() if args.config else {}
-    for key in ("backbone", "weights", "head", "layers", "levels"):
+    for key in ("backbone", "weights", "head", "layers", "levels", "upscale"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
     if head is not None:

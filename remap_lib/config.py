@@ -41,8 +41,14 @@ class ModelConfig:
         spoc_centre_prior: Babenko's Gaussian centre prior for SPoC.
         whitening: a fully connected PCA-whitening layer after pooling.
         dim: output dimension of the whitening layer (``None``: as many as learned).
-        image_sizes: longer side(s) of the resized input, in pixels.
+        image_sizes: longer side(s) of the resized input, in pixels.  The first
+            is the base size; further sizes are ratios to it (Eq. 3's 1280/1024).
         scale_weights: weight of each size in the multi-scale sum (paper Eq. 3).
+        upscale: also enlarge images smaller than the base size.  Off by default,
+            as in the standard protocol (cirtorch's ``imresize`` only shrinks): a
+            query cropped to its box keeps the scale of the objects in the
+            database images.  Measured on the rParis subset, enlarging the crops
+            costs SPoC 9 points of Medium mAP (75.8 → 66.8).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -57,6 +63,7 @@ class ModelConfig:
     dim: int | None = None
     image_sizes: list[int] = field(default_factory=lambda: [1024])
     scale_weights: list[float] = field(default_factory=lambda: [1.0])
+    upscale: bool = False
 
     def __post_init__(self):
         self.head = self.head.lower()

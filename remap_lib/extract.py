@@ -1,7 +1,8 @@
 """Images → ``(N, D)`` float32 L2-normalised descriptors, incrementally and resumably.
 
 :func:`extract_descriptors` decodes images in loader workers, resizes them
-keeping the aspect ratio (longer side ``config.image_sizes``, 1024 by default),
+keeping the aspect ratio (longer side ``config.image_sizes``, 1024 by default;
+smaller images are not enlarged unless ``config.upscale``),
 batches consecutive images of equal size, runs the model on CPU or GPU and,
 when given an output folder, writes the result as it goes:
 
@@ -74,11 +75,23 @@ def select_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def scaled_sizes(longer_side: int, sizes: Sequence[int], upscale: bool) -> list[int]:
+    """Longer side of each scale for an image whose longer side is ``longer_side``.
+
+    The base (first) size shrinks larger images and, unless ``upscale``, leaves
+    smaller ones as they are; further scales keep their ratio to the base, so
+    ``[1024, 1280]`` gives 1024/1280 for a large photo and 800/1000 for an
+    800 px crop (paper Eq. 3, applied like cirtorch's multi-scale).
+    """
+    base = sizes[0] if upscale else min(sizes[0], longer_side)
+    return [round(base * s / sizes[0]) for s in sizes]
+
+
 class _ImageDataset(Dataset):
     """Item ``i``: ``(i, [tensor per image size])`` or ``(i, error message)``."""
 
-    def __init__(self, specs: Sequence[ImageSpec], sizes: Sequence[int], max_pixels: int):
-        self.specs, self.sizes, self.max_pixels = list(specs), list(sizes), max_pixels
+    def __init__(self, specs: Sequence[ImageSpec], sizes: Sequence[int], upscale: bool, max_pixels: int):
+        self.specs, self.sizes, self.upscale, self.max_pixels = list(specs), list(sizes), upscale, max_pixels
 
     def __len__(self):
         return len(self.specs)
@@ -87,7 +100,8 @@ class _ImageDataset(Dataset):
         spec = self.specs[i]
         try:
             img = load_spec(spec, self.max_pixels)
-            return i, [to_tensor(resize_longer_side(img, s, spec.path)) for s in self.sizes]
+            return i, [to_tensor(resize_longer_side(img, s, spec.path))
+                       for s in scaled_sizes(max(img.size), self.sizes, self.upscale)]
         except ImageLoadError as exc:
             return i, exc.reason
 
@@ -229,7 +243,7 @@ def extract_descriptors(
 
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) // 2))
-    dataset = _ImageDataset(todo_specs, model.config.image_sizes, max_pixels)
+    dataset = _ImageDataset(todo_specs, model.config.image_sizes, model.config.upscale, max_pixels)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers if todo else 0,
                         pin_memory=device.type == "cuda")
     failed: list[tuple[str, str]] = []

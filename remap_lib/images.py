@@ -144,9 +144,10 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 def resize_longer_side(img: Image.Image, size: int, path="<image>") -> Image.Image:
     """Resize keeping the aspect ratio so that the longer side is ``size`` pixels.
 
-    Both down- and up-scaling, so that every image reaches the network at the
-    same scale (the paper feeds 1024×768).  Raises :class:`ImageLoadError` if
-    the shorter side would be under 32 pixels (less than one feature cell).
+    Resizes in both directions; whether small images are enlarged at all is the
+    caller's choice (:func:`remap_lib.extract.scaled_sizes`).  Raises
+    :class:`ImageLoadError` if the shorter side would be under 32 pixels (less
+    than one feature cell).
     """
     w, h = img.size
     scale = size / max(w, h)

@@ -137,3 +137,24 @@ def test_cli_extract_whiten_extract(tmp_path, photo_dir, capsys):
     shutil.rmtree(out)
     assert main(["whiten", str(out), "-o", str(tmp_path / "x.npz")]) == 2
     assert "no descriptors.npy" in capsys.readouterr().err
+
+
+def test_small_images_are_not_enlarged_unless_asked():
+    from remap_lib.extract import scaled_sizes
+
+    assert scaled_sizes(2000, [1024], False) == [1024]
+    assert scaled_sizes(800, [1024], False) == [800]  # a cropped query keeps its scale
+    assert scaled_sizes(800, [1024], True) == [1024]
+    assert scaled_sizes(2000, [1024, 1280], False) == [1024, 1280]
+    assert scaled_sizes(800, [1024, 1280], False) == [800, 1000]  # Eq. 3's ratio kept
+
+
+def test_query_crop_is_described_at_its_own_scale(tmp_path, photo_dir, lite0):
+    from remap_lib.images import ImageSpec
+
+    model = RetrievalModel(ModelConfig(head="mac", image_sizes=[128]), backbone=lite0)
+    spec = ImageSpec(str(photo_dir / "chelsea.png"), box=(10, 10, 74, 58))
+    row = extract_descriptors(model, [spec], num_workers=0, progress=False).descriptors[0]
+    crop = load_image(spec.path).crop((10, 10, 74, 58))  # 64x48: kept, not enlarged to 128
+    with torch.no_grad():
+        assert np.allclose(model(to_tensor(crop)[None])[0].numpy(), row, atol=1e-5)
