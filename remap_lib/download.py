@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-__all__ = ["BENCHMARKS", "DownloadError", "download_benchmark", "download_file"]
+__all__ = ["BENCHMARKS", "DownloadError", "download_benchmark", "download_file", "sha256_file"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ class DownloadError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -174,7 +175,7 @@ def download_benchmark(name: str, root: str | os.PathLike) -> Path:
                 + f", then run this command again; or lay the benchmark out in {folder} yourself "
                 "(see remap_lib/datasets.py)."
             ) from None
-        digest = _sha256(dest)
+        digest = sha256_file(dest)
         if manifest.get(filename, digest) != digest:
             raise DownloadError(f"{dest} changed since it was downloaded (SHA-256 {digest} vs "
                                 f"{manifest[filename]}); delete it to fetch it again")
