@@ -4,6 +4,7 @@
     remap extract IMAGES... -o OUT       describe images (resumable)
     remap whiten OUT -o whitening.npz    learn PCA-whitening from extracted descriptors
     remap evaluate -d DATASET -m METHOD  methods x datasets -> table (CSV/JSON)
+    remap klw -d DATASET -o klw.json     KL-divergence region weights from a dataset with groups
     remap demo-data                      build the embedded demo benchmark
     remap download NAME --root DIR       fetch a standard benchmark (online users)
     remap demo                           the main job: demo benchmark end to end
@@ -40,6 +41,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--upscale", action="store_true", default=None,
                    help="also enlarge images smaller than --image-size (off: the standard protocol)")
     g.add_argument("--whitening", help="PCA-whitening file (.npz) from `remap whiten`")
+    g.add_argument("--klw", help="KL region weights (.json) from `remap klw` for the REMAP head")
 
 
 def config_from_args(args, head: str | None = None) -> ModelConfig:
@@ -66,6 +68,10 @@ def model_from_args(args):
     from .whitening import PCAWhitening
 
     model = RetrievalModel.load(args.checkpoint) if args.checkpoint else RetrievalModel(config_from_args(args))
+    if getattr(args, "klw", None):
+        from .klw import KLWeights
+
+        KLWeights.load(args.klw).apply(model)
     if args.whitening:
         model.set_whitening(PCAWhitening.load(args.whitening))
     return model
@@ -124,6 +130,42 @@ def cmd_demo_data(args) -> int:
     root = build_demo_set(args.out, force=args.force)
     print(load_demo_set(root, build=False).summary())
     print(f"in {root}")
+    return 0
+
+
+def cmd_klw(args) -> int:
+    from pathlib import Path
+
+    from .klw import estimate_kl_weights
+    from .model import RetrievalModel
+
+    dataset = next(iter(_parse_datasets([args.dataset], True, False).values()))
+    if args.groups:
+        from .datasets import split_groups
+
+        lo, hi = (int(v) for v in args.groups.split("-"))
+        dataset = split_groups(dataset, range(lo, hi + 1))
+    config = config_from_args(args, head="remap")
+    model = RetrievalModel(config)
+    width, height = (int(v) for v in args.input_size.lower().split("x"))
+    result = estimate_kl_weights(model, dataset, input_size=(width, height), max_matching=args.matching,
+                                 nonmatching_per_matching=args.nonmatching_ratio, bins=args.bins,
+                                 direction=args.direction, seed=args.seed, device=args.device,
+                                 progress=not args.quiet)
+    result.save(args.out)
+    for layer, w in result.weights.items():
+        print(f"{layer}: {len(w)} regions, KL min {w.min():.3f} mean {w.mean():.3f} max {w.max():.3f}")
+    print(f"{result.settings['matching_pairs']} matching / {result.settings['nonmatching_pairs']} non-matching "
+          f"pairs from {result.settings['images']} images; saved {args.out}")
+    if args.plots:
+        from .plots import plot_distance_histograms, plot_kl_weights
+
+        out = Path(args.plots)
+        out.mkdir(parents=True, exist_ok=True)
+        for layer in result.weights:
+            plot_distance_histograms(result, layer, path=out / f"histograms_{layer}.png").clf()
+        plot_kl_weights(result, dataset.images[0], path=out / "kl_weights.png").clf()
+        print(f"figures in {out}")
     return 0
 
 
@@ -228,6 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_model_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("klw", help="KL-divergence region weights (paper Sec. III-B) from a dataset with groups")
+    p.add_argument("-d", "--dataset", required=True, help="[NAME=]PATH with groups (UKBench, folder/CSV of "
+                   "groups, Holidays) or 'demo'")
+    p.add_argument("--groups", default=None, help="only groups LO-HI (e.g. 0-99: UKBench training objects)")
+    p.add_argument("-o", "--out", required=True, help="output JSON (weights, config, settings)")
+    p.add_argument("--input-size", default="512x384", help="WxH every image is resized to (4:3; paper 1024x768)")
+    p.add_argument("--matching", type=int, default=2000, help="at most this many matching pairs")
+    p.add_argument("--nonmatching-ratio", type=int, default=5, help="non-matching pairs per matching pair")
+    p.add_argument("--bins", type=int, default=30)
+    p.add_argument("--direction", choices=("match_nonmatch", "nonmatch_match", "symmetric"),
+                   default="match_nonmatch", help="KL(match||non-match) (default), the reverse, or their sum")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--plots", default=None, help="folder for the Fig. 2 pictures")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_klw)
 
     p = sub.add_parser("demo-data", help="build the embedded demo benchmark")
     p.add_argument("-o", "--out", default=None, help="folder (default data/cache/demo)")

@@ -12,7 +12,7 @@ from .datasets import RetrievalDataset
 from .images import load_spec
 from .metrics import rank_database
 
-__all__ = ["plot_query_results", "result_status"]
+__all__ = ["kl_weight_map", "plot_distance_histograms", "plot_kl_weights", "plot_query_results", "result_status"]
 
 COLOURS = {"ok": "#1a9641", "wrong": "#d7191c", "junk": "#999999"}
 
@@ -70,6 +70,84 @@ def plot_query_results(dataset: RetrievalDataset, results: dict[str, tuple[np.nd
             ax.set_yticks([])
     fig.suptitle(f"{dataset.name}: top {top_k} per method (green: correct, red: wrong, grey: ignored)",
                  fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=80)
+    return fig
+
+
+def plot_distance_histograms(klw, layer: str, regions: Sequence[int] | None = None, bins: int = 30,
+                             path: str | os.PathLike | None = None):
+    """Paper Fig. 2(a–e): matching vs non-matching distance histograms of chosen regions.
+
+    ``klw`` is a :class:`~remap_lib.klw.KLWeights` that still holds its
+    distances (fresh from :func:`~remap_lib.klw.estimate_kl_weights`).  By
+    default the three regions of highest and the two of lowest weight.
+    """
+    if layer not in klw.distances:
+        raise ValueError(f"no distances for layer {layer!r} (they are kept only by a fresh estimate)")
+    d_match, d_non = klw.distances[layer]
+    w = klw.weights[layer]
+    if regions is None:
+        order = np.argsort(-w)
+        regions = list(order[:3]) + list(order[-2:])
+    fig, axes = plt.subplots(1, len(regions), figsize=(3.2 * len(regions), 2.8), squeeze=False)
+    for ax, r in zip(axes[0], regions):
+        edges = np.linspace(min(d_match[:, r].min(), d_non[:, r].min()), max(d_match[:, r].max(), d_non[:, r].max()),
+                            bins + 1)
+        ax.hist(d_non[:, r], edges, density=True, alpha=0.6, color="#d7191c", label="non-matching")
+        ax.hist(d_match[:, r], edges, density=True, alpha=0.6, color="#1a9641", label="matching")
+        ax.set_title(f"region {r}: KL = {w[r]:.2f}", fontsize=9)
+        ax.set_xlabel("Euclidean distance", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{layer}: distance distributions per region", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=80)
+    return fig
+
+
+def kl_weight_map(weights: np.ndarray, levels: int, height: int, width: int, full_map: bool = False,
+                  reference: tuple[int, int] = (24, 32)) -> np.ndarray:
+    """Per pixel of an ``height × width`` picture, the mean weight of the reference regions covering it."""
+    from .functional import rmac_regions
+
+    boxes = rmac_regions(*reference, levels, full_map=full_map).numpy().astype(np.float64)
+    sy, sx = height / reference[0], width / reference[1]
+    total = np.zeros((height, width))
+    count = np.zeros((height, width))
+    for (x0, y0, x1, y1), w in zip(boxes, weights):
+        ys, xs = slice(int(round(y0 * sy)), int(round(y1 * sy))), slice(int(round(x0 * sx)), int(round(x1 * sx)))
+        total[ys, xs] += w
+        count[ys, xs] += 1
+    return total / np.maximum(count, 1)
+
+
+def plot_kl_weights(klw, image=None, path: str | os.PathLike | None = None):
+    """Paper Fig. 2(f) and a heat map: each layer's region weights as bars and drawn over an image."""
+    layers = list(klw.weights)
+    levels, full_map = klw.model["levels"], klw.model["full_map"]
+    fig, axes = plt.subplots(len(layers), 2, figsize=(11, 3.3 * len(layers)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.4, 1]})
+    img = None
+    if image is not None:
+        img = load_spec(image) if not hasattr(image, "size") else image
+        img = np.asarray(img.resize((512, 384)))
+    for row, layer in zip(axes, layers):
+        w = klw.weights[layer]
+        row[0].bar(np.arange(len(w)), w, color="#2b83ba")
+        row[0].set_title(f"{layer}: KL weight per region (region index, level by level)", fontsize=9)
+        row[0].set_xlabel("region", fontsize=8)
+        heat = kl_weight_map(w, levels, 384, 512, full_map)
+        if img is not None:
+            row[1].imshow(img)
+            shown = row[1].imshow(heat, alpha=0.55, cmap="inferno")
+        else:
+            shown = row[1].imshow(heat, cmap="inferno")
+        row[1].set_title(f"{layer}: mean weight of the regions covering each point", fontsize=9)
+        row[1].set_xticks([])
+        row[1].set_yticks([])
+        fig.colorbar(shown, ax=row[1], fraction=0.035)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=80)
