@@ -83,8 +83,11 @@ def main(argv=None) -> dict:
         save_results(results, args.out)
     print()
     print(format_table(results))
-    table = {r.method: {f"{r.dataset}/{p}": (round(s["score"], 4) if p == "ukbench" else round(100 * s["map"], 2))
-                        for p, s in r.scores.items()} for r in results}
+    table: dict[str, dict] = {}
+    for r in results:  # one row per method, columns from every dataset
+        table.setdefault(r.method, {}).update(
+            {f"{r.dataset}/{p}": (round(s["score"], 4) if p == "ukbench" else round(100 * s["map"], 2))
+             for p, s in r.scores.items()})
     for r in results:
         if r.dataset == "rparis6k":
             table[r.method]["rparis6k/hard/aps"] = [None if a != a else round(100 * a, 1) for a in r.scores["hard"]["aps"]]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 __all__ = [
@@ -86,6 +87,7 @@ class FeatureBackbone(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.classifier = classifier
+        self.checkpointing = False  # gradient checkpointing of each stage (saves memory in training)
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -130,7 +132,10 @@ class FeatureBackbone(nn.Module):
         x = self.normalise(images)
         out: dict[str, torch.Tensor] = {}
         for name, stage in self.stages.items():
-            x = stage(x)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
             if name in wanted:
                 out[name] = x
                 if len(out) == len(wanted):

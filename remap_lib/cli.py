@@ -5,6 +5,7 @@
     remap whiten OUT -o whitening.npz    learn PCA-whitening from extracted descriptors
     remap evaluate -d DATASET -m METHOD  methods x datasets -> table (CSV/JSON)
     remap klw -d DATASET -o klw.json     KL-divergence region weights from a dataset with groups
+    remap train --config FILE            fine-tune with triplets and hard negatives (resumes)
     remap demo-data                      build the embedded demo benchmark
     remap download NAME --root DIR       fetch a standard benchmark (online users)
     remap demo                           the main job: demo benchmark end to end
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import numpy as np
@@ -169,6 +171,21 @@ def cmd_klw(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig.load(args.config)
+    for key in ("steps", "out_dir", "device"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    history = train(cfg)
+    if history and int(os.environ.get("RANK", "0")) == 0:
+        first, last = history[0], history[-1]
+        print(f"{last['step']} updates, {last['triplets']} triplets; loss {last.get('loss')}; "
+              f"validation mAP {first.get('val_map')} -> {last.get('val_map')}; outputs in {cfg.out_dir}")
+    return 0
+
+
 def cmd_download(args) -> int:
     from .download import DownloadError, download_benchmark
 
@@ -288,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     _add_model_args(p)
     p.set_defaults(func=cmd_klw)
+
+    p = sub.add_parser("train", help="fine-tune end to end with a triplet loss (resumes from out_dir)")
+    p.add_argument("--config", required=True, help="training config YAML (see configs/)")
+    p.add_argument("--steps", type=int, default=None, help="override: parameter updates")
+    p.add_argument("--out-dir", default=None, help="override: output folder")
+    p.add_argument("--device", default=None, help="override: auto, cpu, cuda")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo-data", help="build the embedded demo benchmark")
     p.add_argument("-o", "--out", default=None, help="folder (default data/cache/demo)")

@@ -29,6 +29,8 @@ __all__ = [
     "gem",
     "rmac",
     "weighted_region_sum",
+    "triplet_loss",
+    "contrastive_loss",
 ]
 
 
@@ -237,3 +239,26 @@ def rmac(x: torch.Tensor, levels: int = 3, full_map: bool = False, eps: float = 
     boxes = rmac_regions(x.shape[-2], x.shape[-1], levels, full_map=full_map)
     regions = l2n(roi_max_pool(x, boxes), eps)
     return l2n(regions.sum(dim=1), eps)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def triplet_loss(q: torch.Tensor, m: torch.Tensor, n: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """Paper Eq. 2: ``L = 0.5 · max(0, margin + ‖q − m‖² − ‖q − n‖²)``, averaged over the batch.
+
+    ``q``, ``m``, ``n``: ``(B, D)`` descriptors of queries, matching and non-matching images.
+    """
+    d_pos = (q - m).pow(2).sum(-1)
+    d_neg = (q - n).pow(2).sum(-1)
+    return 0.5 * torch.clamp(margin + d_pos - d_neg, min=0).mean()
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, match: torch.Tensor, margin: float = 0.7) -> torch.Tensor:
+    """Contrastive loss (Radenović et al.): ``0.5·d²`` for matches, ``0.5·max(0, margin − d)²`` otherwise.
+
+    ``match`` is 1 for matching pairs and 0 for non-matching ones; averaged over the batch.
+    """
+    d = (a - b).pow(2).sum(-1).clamp(min=1e-12).sqrt()
+    match = match.to(d.dtype)
+    return (0.5 * match * d.pow(2) + 0.5 * (1 - match) * torch.clamp(margin - d, min=0).pow(2)).mean()

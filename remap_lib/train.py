@@ -1,0 +1,561 @@
+"""End-to-end fine-tuning with a triplet loss and hard-negative mining (paper §III-D, §IV-B).
+
+One network, applied to the three images of a triplet (a three-stream siamese
+network with shared weights).  For every matching pair (query, positive) of
+the training groups the negative is the closest non-matching image under the
+current model; the pool is re-described and the negatives re-mined every
+``remine_every`` triplets (the paper: 3000).  Parameters are updated every
+``accumulate`` triplets (64), one triplet in memory at a time, with SGD
+(lr 1e-3, momentum 0.9, weight decay 5e-5).  Batch-norm statistics are frozen:
+the network stays in ``eval()`` mode, which freezes them and changes nothing
+else (these backbones have no dropout before the pooled features).
+
+Trained jointly, each part optional: backbone conv weights, region weights α
+(kept ≥ 0 by projection), and the whitening FC layer (initialised by
+PCA-whitening of the training images' descriptors).  The paper's Table III is
+three configs of this one code path: "RMAC" (α = 1, frozen), "RMAC+SGD"
+(α = 1, learned) and "KLW" (α = KL, learned).
+
+Determinism and resume
+    Triplet ``t`` is a pure function of the seed and ``t`` (a fixed permutation
+    of the pairs per epoch); checkpoints are written at update boundaries and
+    hold the weights, the optimiser state, the triplet counter and the negatives
+    mined for the current window, so a resumed run takes the same next triplet
+    with the same negative and ends with the same weights.
+
+Distributed
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the triplets of each update are split
+    across ranks and the model is wrapped in PyTorch DDP (NCCL on GPUs, gloo on
+    CPUs); the loss is scaled so that the averaged gradient equals the
+    single-process one.  Rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import functional as RF
+from .config import ModelConfig
+from .datasets import RetrievalDataset, load_dataset, split_groups
+from .extract import scaled_sizes
+from .images import ImageSpec, load_spec, resize_longer_side, to_tensor
+from .model import RetrievalModel
+from .pooling import RegionWeights, project_nonnegative_
+
+__all__ = ["TrainConfig", "Trainer", "check_no_overlap", "matching_pairs", "mine_hard_negatives", "train"]
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "remap-train-v1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run; YAML-loadable (``remap train --config FILE``)."""
+
+    train: str = "demo"  # dataset spec with groups: a path (UKBench, folder/CSV of groups, ...) or "demo"
+    train_groups: str | None = None  # "LO-HI": only these groups (e.g. UKBench objects 0-99)
+    val: str | None = None  # dataset spec for validation mAP during training
+    val_groups: str | None = None
+    exclude: list[str] = field(default_factory=list)  # evaluation sets that must not overlap the training images
+    model: ModelConfig = field(default_factory=ModelConfig)
+    alpha_init: str = "ones"  # "ones" or a KL-weights file from `remap klw`
+    whitening_init: str = "pca"  # "pca" (FC from PCA-whitening of the training images) or "none"
+    train_backbone: bool = True
+    train_alpha: bool = True
+    train_whitening: bool = True
+    loss: str = "triplet"  # or "contrastive" (positive and negative pairs of each triplet)
+    margin: float = 0.1
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    accumulate: int = 64  # triplets per parameter update
+    steps: int = 100  # parameter updates
+    remine_every: int = 3000  # triplets between re-mining
+    seed: int = 0
+    out_dir: str = "runs/train"
+    checkpoint_every: int = 10  # updates
+    val_every: int = 10  # updates (0: never)
+    device: str = "auto"
+    amp: str | None = None  # "bf16" or "fp16" (GPU); None: float32
+    channels_last: bool = False
+    grad_checkpointing: bool = False
+    num_workers: int = 0
+    cache_images: bool = True  # keep decoded training images in memory (single process loaders)
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        if self.loss not in ("triplet", "contrastive"):
+            raise ValueError(f"loss must be 'triplet' or 'contrastive', got {self.loss!r}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be bf16, fp16 or null, got {self.amp!r}")
+        if self.accumulate < 1 or self.steps < 1 or self.remine_every < 1:
+            raise ValueError("accumulate, steps and remine_every must be positive")
+        if self.model.head != "remap" and self.train_alpha and self.alpha_init != "ones":
+            raise ValueError("alpha_init applies to REMAP heads only")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown training config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def matching_pairs(groups) -> np.ndarray:
+    """Every ordered (query, positive) pair of distinct images in the same group: ``(P, 2)``."""
+    groups = np.asarray(groups)
+    pairs = [(a, b) for g in np.unique(groups[groups >= 0]) for a in np.flatnonzero(groups == g)
+             for b in np.flatnonzero(groups == g) if a != b]
+    if not pairs:
+        raise ValueError("no group has two images: nothing to train on")
+    return np.array(pairs, dtype=np.int64)
+
+
+def mine_hard_negatives(query_desc: np.ndarray, query_groups, pool_desc: np.ndarray, pool_groups) -> np.ndarray:
+    """For each query, the index of the most similar pool image of another group."""
+    sim = np.asarray(query_desc, np.float32) @ np.asarray(pool_desc, np.float32).T
+    same = np.asarray(query_groups)[:, None] == np.asarray(pool_groups)[None, :]
+    sim[same] = -np.inf
+    if np.isinf(sim).all(axis=1).any():
+        raise ValueError("a query has no image of another group to use as negative")
+    return sim.argmax(axis=1)
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_no_overlap(train: RetrievalDataset, evaluation: dict[str, RetrievalDataset]) -> None:
+    """Refuse training images that are also evaluation images (same file or same bytes)."""
+    def keys(specs):
+        out = {}
+        for s in specs:
+            if os.path.exists(s.path):
+                out[os.path.realpath(s.path)] = s.path
+                out[_file_digest(s.path)] = s.path
+        return out
+
+    train_keys = keys(train.images)
+    for name, ds in evaluation.items():
+        clash = {train_keys[k] for k in keys(list(ds.images) + list(ds.queries)) if k in train_keys}
+        if clash:
+            raise ValueError(f"{len(clash)} training images are also in the evaluation set {name} "
+                             f"(e.g. {sorted(clash)[:3]}); the paper excludes them. Remove them from training.")
+
+
+# --------------------------------------------------------------------------- data
+
+
+class _Images:
+    """Training images as tensors at the training size, optionally cached in memory (uint8)."""
+
+    def __init__(self, specs: list[ImageSpec], size: int, upscale: bool, cache: bool):
+        self.specs, self.size, self.upscale, self.cache = specs, size, upscale, cache
+        self._store: dict[int, torch.Tensor] = {}
+
+    def __call__(self, i: int) -> torch.Tensor:
+        if i in self._store:
+            return self._store[i].float().div_(255)
+        img = load_spec(self.specs[i])
+        img = resize_longer_side(img, scaled_sizes(max(img.size), [self.size], self.upscale)[0], self.specs[i].path)
+        t = to_tensor(img)
+        if self.cache:
+            self._store[i] = (t * 255).round().to(torch.uint8)
+        return t
+
+
+class _TripletImages(Dataset):
+    def __init__(self, images: _Images, triplets: np.ndarray):
+        self.images, self.triplets = images, triplets
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def __getitem__(self, k):
+        return [self.images(int(i)) for i in self.triplets[k]]
+
+
+class _TripletNet(nn.Module):
+    """The three-stream siamese network: one model, three images, one forward call (for DDP)."""
+
+    def __init__(self, model: RetrievalModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([self.model(x) for x in images])
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if world > 1 else 0
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def _parse_groups(spec: str | None):
+    if spec is None:
+        return None
+    lo, hi = (int(v) for v in spec.split("-"))
+    return range(lo, hi + 1)
+
+
+class Trainer:
+    """Runs a :class:`TrainConfig`; ``Trainer(cfg).run()`` trains (resuming if a checkpoint exists)."""
+
+    def __init__(self, cfg: TrainConfig, train_set: RetrievalDataset | None = None,
+                 val_set: RetrievalDataset | None = None, backbone=None):
+        self.cfg = cfg
+        self.world, self.rank, local = _distributed()
+        if cfg.device == "auto":
+            self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        self.out = Path(cfg.out_dir)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.accumulate % self.world:
+            raise ValueError(f"accumulate ({cfg.accumulate}) must be a multiple of the {self.world} processes")
+
+        self.train_set = train_set or self._load(cfg.train, cfg.train_groups)
+        if self.train_set.groups is None:
+            raise ValueError(f"{self.train_set.name} has no groups to build triplets from")
+        self.val_set = val_set if val_set is not None else (self._load(cfg.val, cfg.val_groups) if cfg.val else None)
+        check_no_overlap(self.train_set, {spec: load_dataset(spec) for spec in cfg.exclude})
+        if self.val_set is not None:
+            check_no_overlap(self.train_set, {"validation": self.val_set})
+
+        self.groups = np.asarray(self.train_set.groups)
+        self.pairs = matching_pairs(self.groups)
+        self.images = _Images(list(self.train_set.images), cfg.model.image_sizes[0], cfg.model.upscale,
+                              cfg.cache_images and cfg.num_workers == 0)
+        torch.manual_seed(cfg.seed)  # random initialisation (weights: random) is reproducible too
+        self.model = RetrievalModel(cfg.model, backbone)
+        self.step, self.triplet = 0, 0
+        self.negatives = np.zeros(0, dtype=np.int64)
+        self.window_start = -1
+        self.history: list[dict] = []
+
+    @staticmethod
+    def _load(spec: str, groups: str | None) -> RetrievalDataset:
+        ds = load_dataset(spec)
+        return split_groups(ds, _parse_groups(groups)) if groups else ds
+
+    # ---------------------------------------------------------------- setup
+    def _init_parameters(self) -> None:
+        cfg = self.cfg
+        if cfg.model.head == "remap" and cfg.alpha_init != "ones":
+            from .klw import KLWeights
+
+            KLWeights.load(cfg.alpha_init).apply(self.model)
+        if cfg.whitening_init == "pca":
+            from .whitening import learn_pca_whitening
+
+            self.model.set_whitening(learn_pca_whitening(self._describe(whitened=False), cfg.model.dim))
+        self._freeze_as_configured()
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("every part is frozen: nothing to train")
+        return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
+
+    # ---------------------------------------------------------------- helpers
+    def _autocast(self):
+        if self.cfg.amp is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if x.dim() == 3:
+            x = x[None]
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    @torch.no_grad()
+    def _describe(self, whitened: bool = True) -> np.ndarray:
+        """Descriptors of every training image under the current model (eval mode, no grad)."""
+        whiten = self.model.whiten
+        if not whitened:
+            self.model.whiten = None
+        try:
+            rows = []
+            for i in tqdm(range(len(self.train_set.images)), desc="describe pool", leave=False,
+                          disable=self.rank != 0 or len(self.train_set.images) < 50):
+                with self._autocast():
+                    rows.append(self.model(self._prepare(self.images(i))).float().cpu().numpy()[0])
+        finally:
+            self.model.whiten = whiten
+        return np.stack(rows)
+
+    def _triplet_pairs(self, start: int, count: int) -> np.ndarray:
+        """Pairs for triplets ``start .. start+count-1`` (a fixed permutation per epoch)."""
+        idx = np.arange(start, start + count)
+        epochs, pos = np.divmod(idx, len(self.pairs))
+        out = np.empty((count, 2), dtype=np.int64)
+        for e in np.unique(epochs):
+            perm = np.random.default_rng([self.cfg.seed, int(e)]).permutation(len(self.pairs))
+            out[epochs == e] = self.pairs[perm[pos[epochs == e]]]
+        return out
+
+    def _remine(self) -> None:
+        """Describe the pool with the current model; mine negatives for the next window of triplets."""
+        start = self.triplet - self.triplet % self.cfg.remine_every
+        pairs = self._triplet_pairs(start, self.cfg.remine_every)
+        pool = self._describe()
+        self.negatives = mine_hard_negatives(pool[pairs[:, 0]], self.groups[pairs[:, 0]], pool, self.groups)
+        self.window_start = start
+
+    def triplets(self, start: int, count: int) -> np.ndarray:
+        """``(count, 3)`` (query, positive, negative) image indices from triplet ``start``."""
+        if self.window_start < 0 or not (self.window_start <= start < self.window_start + self.cfg.remine_every):
+            self._remine()
+        pairs = self._triplet_pairs(start, count)
+        offset = start - self.window_start
+        return np.column_stack([pairs, self.negatives[offset:offset + count]])
+
+    def _loss(self, d: torch.Tensor) -> torch.Tensor:
+        q, m, n = d[0:1], d[1:2], d[2:3]
+        if self.cfg.loss == "triplet":
+            return RF.triplet_loss(q, m, n, self.cfg.margin)
+        return RF.contrastive_loss(torch.cat([q, q]), torch.cat([m, n]), torch.tensor([1.0, 0.0], device=d.device),
+                                   self.cfg.margin)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save_checkpoint(self, optimizer) -> None:
+        if self.rank != 0:
+            return
+        blob = {"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "model_config": self.model.config.to_dict(),
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "step": self.step, "triplet": self.triplet,
+                "negatives": torch.as_tensor(self.negatives), "window_start": self.window_start,
+                "history": json.dumps(self.history)}
+        tmp = self._checkpoint_path().with_suffix(".tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, self._checkpoint_path())
+
+    def _read_checkpoint(self) -> dict:
+        path = self._checkpoint_path()
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a remap training checkpoint")
+        old = {k: v for k, v in blob["config"].items() if k not in ("steps", "out_dir", "device", "num_workers")}
+        new = {k: v for k, v in self.cfg.to_dict().items() if k in old}
+        if old != new:
+            diff = sorted(k for k in old if old[k] != new.get(k))
+            raise ValueError(f"{path} was written by a different training config (differs in {diff}); "
+                             "use another out_dir or the same config")
+        return blob
+
+    def _resume(self) -> torch.optim.Optimizer:
+        """Weights, optimiser state, counters and mined negatives from the checkpoint."""
+        blob = self._read_checkpoint()
+        if "whiten.weight" in blob["model"]:
+            out_dim, in_dim = blob["model"]["whiten.weight"].shape
+            self.model.whiten = nn.Linear(in_dim, out_dim)
+            self.model.config.whitening, self.model.config.dim = True, out_dim
+        self.model.load_state_dict(blob["model"])
+        self.model.to(self.device)
+        self._freeze_as_configured()
+        optimizer = self._optimizer()
+        optimizer.load_state_dict(blob["optimizer"])
+        self.step, self.triplet = int(blob["step"]), int(blob["triplet"])
+        self.negatives, self.window_start = blob["negatives"].numpy(), int(blob["window_start"])
+        self.history = json.loads(blob["history"])
+        log.info("resumed from %s at update %d (triplet %d)", self._checkpoint_path(), self.step, self.triplet)
+        return optimizer
+
+    # ---------------------------------------------------------------- validation and logs
+    def validate(self) -> dict:
+        if self.val_set is None:
+            return {}
+        from .evaluate import describe, score
+
+        scores = score(self.val_set, *describe(self.model, self.val_set, None, str(self.device), progress=False))
+        out = {"val_map": round(100 * scores["map"]["map"], 3) if "map" in scores else None}
+        if "ukbench" in scores:
+            out["val_ukbench"] = round(scores["ukbench"]["score"], 4)
+        return out
+
+    def _log(self, row: dict, writer) -> None:
+        self.history.append(row)
+        if self.rank != 0:
+            return
+        path = self.out / "log.csv"
+        fields = ["step", "triplets", "loss", "val_map", "val_ukbench", "seconds_per_triplet", "peak_memory_mb"]
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    writer.add_scalar(k, v, row["step"])
+
+    def _peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.model.backbone.checkpointing = cfg.grad_checkpointing
+        self.model.eval()  # frozen batch-norm statistics (see module docstring)
+        if self._checkpoint_path().exists():
+            optimizer = self._resume()
+        else:
+            self._init_parameters()
+            optimizer = self._optimizer()
+        if self.step == 0 and self.rank == 0:
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            before = self.validate()
+            self._log({"step": 0, "triplets": 0, **before}, None)
+        net = _TripletNet(self.model)
+        if self.world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        scaler = torch.amp.GradScaler(enabled=cfg.amp == "fp16" and self.device.type == "cuda")
+        writer = None
+        if self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                pass
+
+        per_rank = cfg.accumulate // self.world
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="update", disable=self.rank != 0)
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            triplets = self.triplets(self.triplet, cfg.accumulate)[self.rank::self.world]
+            loader = DataLoader(_TripletImages(self.images, triplets), batch_size=None, num_workers=cfg.num_workers,
+                                pin_memory=self.device.type == "cuda")
+            optimizer.zero_grad(set_to_none=True)
+            losses = []
+            for k, images in enumerate(loader):
+                sync = k == per_rank - 1 or self.world == 1
+                ctx = net.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
+                with ctx:
+                    with self._autocast():
+                        d = net([self._prepare(x) for x in images]).float()
+                    loss = self._loss(d)
+                    scaler.scale(loss * (self.world / cfg.accumulate)).backward()
+                losses.append(loss.item())
+            scaler.step(optimizer)
+            scaler.update()
+            project_nonnegative_(self.model)
+            self.step += 1
+            self.triplet += cfg.accumulate
+            loss = float(np.mean(losses))
+            if self.world > 1:
+                t = torch.tensor([loss], device=self.device if self.device.type == "cuda" else "cpu")
+                dist.all_reduce(t)
+                loss = t.item() / self.world
+            row = {"step": self.step, "triplets": self.triplet, "loss": round(loss, 6),
+                   "seconds_per_triplet": round((time.perf_counter() - t0) / per_rank, 4),
+                   "peak_memory_mb": round(self._peak_memory_mb(), 1)}
+            if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps) and self.rank == 0:
+                row.update(self.validate())
+            self._log(row, writer)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint(optimizer)
+        bar.close()
+        if self.rank == 0:
+            self.model.save(self.out / "model.pt")
+        self._write_summary()
+        if writer is not None:
+            writer.close()
+        return self.history
+
+    def _freeze_as_configured(self) -> None:
+        backbone = self.model.backbone
+        for p in backbone.parameters():
+            p.requires_grad_(self.cfg.train_backbone)
+        # never trained: the ImageNet classifier and stages after the deepest pooled layer (no gradient
+        # reaches them, and DDP requires every trainable parameter to take part in the loss)
+        names = list(backbone.stages)
+        deepest = max(names.index(layer) for layer in self.model.layers)
+        for name in names[deepest + 1:]:
+            backbone.stages[name].requires_grad_(False)
+        if backbone.classifier is not None:
+            backbone.classifier.requires_grad_(False)
+        for m in self.model.modules():
+            if isinstance(m, RegionWeights):
+                m.raw.requires_grad_(self.cfg.train_alpha)
+        if self.model.whiten is not None:
+            for p in self.model.whiten.parameters():
+                p.requires_grad_(self.cfg.train_whitening)
+
+    def _write_summary(self) -> None:
+        digest = hashlib.sha256()
+        for _, v in sorted(self.model.state_dict().items()):
+            digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+        mine = digest.hexdigest()
+        hashes = [mine]
+        if self.world > 1:
+            hashes = [None] * self.world
+            dist.all_gather_object(hashes, mine)
+        if self.rank == 0:
+            summary = {"steps": self.step, "triplets": self.triplet, "world_size": self.world,
+                       "weight_sha256_per_rank": hashes, "history": self.history}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def train(cfg: TrainConfig, **kwargs) -> list[dict]:
+    """Train (or resume) according to ``cfg``; returns the logged history."""
+    return Trainer(cfg, **kwargs).run()

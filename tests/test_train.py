@@ -1,0 +1,172 @@
+"""Fine-tuning (remap_lib.train): losses, mining, a tiny CPU run, resume, frozen parts, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from remap_lib import functional as RF
+from remap_lib.config import ModelConfig
+from remap_lib.datasets import load_folder_groups
+from remap_lib.evaluate import describe, score
+from remap_lib.train import TrainConfig, Trainer, check_no_overlap, matching_pairs, mine_hard_negatives
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_triplet_loss_hand_computed():
+    q = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    m = torch.tensor([[0.0, 1.0], [0.8, 0.6]])
+    n = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # row 1: 0.5 * (0.1 + 2 - 0) = 1.05; row 2: 0.5 * max(0, 0.1 + 0.4 - 2) = 0
+    assert RF.triplet_loss(q, m, n).item() == pytest.approx(0.525)
+    assert RF.triplet_loss(q[1:], m[1:], n[1:], margin=2.0).item() == pytest.approx(0.5 * 0.4)
+
+
+def test_contrastive_loss_hand_computed():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    match = torch.tensor([1, 0, 0])
+    # match, d^2 = 2 -> 1.0; non-match d = 1.414 > 0.7 -> 0; non-match d = 0 -> 0.5 * 0.49
+    assert RF.contrastive_loss(a, b, match).item() == pytest.approx((1.0 + 0 + 0.245) / 3)
+
+
+def test_miner_picks_the_closest_non_matching_image():
+    pool = np.array([[1, 0, 0], [0.9, 0.436, 0], [0, 1, 0], [0.6, 0.8, 0], [0, 0, 1]], dtype=np.float32)
+    groups = np.array([0, 0, 1, 2, 3])
+    # query 0 (group 0): closest other-group image is 3 (cos 0.6) -- image 1 is closer but same group
+    # query 2 (group 1): closest other-group is 3 (cos 0.8)
+    assert mine_hard_negatives(pool[[0, 2]], groups[[0, 2]], pool, groups).tolist() == [3, 3]
+
+
+def test_matching_pairs_are_ordered_pairs_within_groups():
+    pairs = matching_pairs([0, 0, 1, 1, 1, -1])
+    assert len(pairs) == 2 + 6 and set(map(tuple, pairs.tolist())) >= {(0, 1), (1, 0), (2, 4), (4, 3)}
+    with pytest.raises(ValueError):
+        matching_pairs([0, 1, 2])
+
+
+@pytest.fixture(scope="module")
+def tiny_groups(tmp_path_factory) -> Path:
+    """6 real photos, each with an occluded and a cluttered view, 96 px: hard for the untrained model."""
+    from skimage import data as skdata
+
+    from remap_lib import demo_data as D
+
+    root = tmp_path_factory.mktemp("train_groups")
+    background = Image.open(Path(skdata.data_dir) / "gravel.png").convert("RGB")
+    for name in ["chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "camera.png"]:
+        img = Image.open(Path(skdata.data_dir) / name).convert("RGB")
+        img.thumbnail((96, 96))
+        g = root / Path(name).stem
+        g.mkdir()
+        img.save(g / "a.png")
+        rng = np.random.default_rng(len(name))
+        D.view_occlusion(img, rng, background).save(g / "b.png")
+        D.view_clutter(img, rng, background.resize((96, 96))).save(g / "c.png")
+    return root
+
+
+def _cfg(root, out, **kw) -> TrainConfig:
+    # ImageNet weights: a randomly initialised net saturates its ReLU6 at once and collapses
+    base = dict(train=str(root), model=ModelConfig(head="remap", levels=2, image_sizes=[64]),
+                whitening_init="none", accumulate=4, steps=4, remine_every=12, lr=0.01, out_dir=str(out),
+                checkpoint_every=1, val_every=0, device="cpu", seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_overlap_with_the_evaluation_set_is_refused(tmp_path, tiny_groups):
+    ds = load_folder_groups(tiny_groups)
+    copy = tmp_path / "eval" / "x"
+    copy.mkdir(parents=True)
+    shutil.copy(tiny_groups / "coffee" / "a.png", copy / "renamed.png")  # same bytes, other name
+    shutil.copy(tiny_groups / "coffee" / "b.png", copy / "other.png")
+    with pytest.raises(ValueError, match="also in the evaluation set"):
+        check_no_overlap(ds, {"eval": load_folder_groups(tmp_path / "eval")})
+
+
+def test_tiny_run_lowers_the_loss_and_raises_training_map(tmp_path, tiny_groups):
+    ds = load_folder_groups(tiny_groups)
+    trainer = Trainer(_cfg(tiny_groups, tmp_path / "run", steps=12, checkpoint_every=100), train_set=ds)
+    before = score(ds, *describe(trainer.model, ds, None, "cpu", progress=False))["map"]["map"]
+    history = trainer.run()
+    after = score(ds, *describe(trainer.model, ds, None, "cpu", progress=False))["map"]["map"]
+    losses = [r["loss"] for r in history if "loss" in r]
+    assert len(losses) == 12
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
+    assert after > before + 0.2  # measured: 0.31 -> 0.87
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,triplets,loss") and len(log) == 1 + 1 + 12  # header, step 0, 12 updates
+    assert (tmp_path / "run" / "model.pt").exists()
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_groups):
+    ds = load_folder_groups(tiny_groups)
+    Trainer(_cfg(tiny_groups, tmp_path / "full"), train_set=ds).run()
+    Trainer(_cfg(tiny_groups, tmp_path / "parts", steps=2), train_set=ds).run()  # "interrupted" after 2
+    resumed = Trainer(_cfg(tiny_groups, tmp_path / "parts"), train_set=ds)
+    history = resumed.run()  # picks the checkpoint up: same next triplet, same negatives and optimiser
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
+    assert a["triplet"] == b["triplet"] == 16
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["loss"] for r in history[1:]] == [r["loss"] for r in
+                                                json.loads(a["history"])[1:]]
+    with pytest.raises(ValueError, match="different training config"):
+        Trainer(_cfg(tiny_groups, tmp_path / "parts", lr=0.5), train_set=ds).run()
+
+
+def test_frozen_parts_do_not_move(tmp_path, tiny_groups):
+    ds = load_folder_groups(tiny_groups)
+    trainer = Trainer(_cfg(tiny_groups, tmp_path / "run", steps=2, train_alpha=False, whitening_init="pca",
+                           train_whitening=False), train_set=ds)
+    conv = trainer.model.backbone.stages["head"][0].weight.detach().clone()
+    trainer.run()
+    assert torch.equal(trainer.model.region_weights()["head"], torch.ones(8))  # "RMAC": alpha = 1, fixed
+    assert not torch.equal(trainer.model.backbone.stages["head"][0].weight, conv)  # the backbone trained
+    fc = trainer.model.whiten.weight.detach().clone()
+    assert trainer.model.whiten.weight.requires_grad is False and torch.equal(trainer.model.whiten.weight, fc)
+
+
+def test_alpha_learned_and_non_negative(tmp_path, tiny_groups):
+    ds = load_folder_groups(tiny_groups)
+    trainer = Trainer(_cfg(tiny_groups, tmp_path / "run", steps=3, lr=5.0, train_backbone=False), train_set=ds)
+    trainer.run()
+    alpha = trainer.model.region_weights()["head"]
+    assert not torch.equal(alpha, torch.ones(8)) and (trainer.model.streams["head"].alpha.raw >= 0).all()
+
+
+def test_config_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("train: demo\nsteps: 3\nmodel: {head: rmac, levels: 3}\n")
+    cfg = TrainConfig.load(tmp_path / "c.yaml")
+    assert cfg.steps == 3 and cfg.model.head == "rmac" and cfg.lr == 1e-3 and cfg.accumulate == 64
+    (tmp_path / "bad.yaml").write_text("trian: demo\n")
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        TrainConfig.load(tmp_path / "bad.yaml")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path, tiny_groups):
+    cfg = _cfg(tiny_groups, tmp_path / "ddp", steps=2).to_dict()
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "remap_lib.cli", "train", "--config", str(tmp_path / "ddp.yaml")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    hashes = summary["weight_sha256_per_rank"]
+    assert summary["world_size"] == 2 and len(hashes) == 2 and hashes[0] == hashes[1]
+    assert summary["triplets"] == 8
