@@ -6,6 +6,7 @@
     remap evaluate -d DATASET -m METHOD  methods x datasets -> table (CSV/JSON)
     remap klw -d DATASET -o klw.json     KL-divergence region weights from a dataset with groups
     remap train --config FILE            fine-tune with triplets and hard negatives (resumes)
+    remap index build|add|search         faiss index of extracted descriptors (Flat, PQ, IVF-PQ...)
     remap demo-data                      build the embedded demo benchmark
     remap download NAME --root DIR       fetch a standard benchmark (online users)
     remap demo                           the main job: demo benchmark end to end
@@ -186,6 +187,68 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from .extract import extract_descriptors, load_descriptors
+    from .index import RetrievalIndex
+
+    if args.action == "build":
+        desc = load_descriptors(args.descriptors)
+        dim = args.truncate or desc.descriptors.shape[1]
+        index = RetrievalIndex(dim, args.factory, desc.config["model"], args.truncate)
+        index.nprobe = args.nprobe
+        train = desc.descriptors
+        if args.train_sample and len(train) > args.train_sample:
+            train = train[np.random.default_rng(0).choice(len(train), args.train_sample, replace=False)]
+        index.train(train)
+        index.add(desc.descriptors, desc.paths)
+        index.save(args.index)
+        print(f"{args.factory} index of {len(index)} images ({dim}-d, {index.bytes_per_vector():.0f} bytes of code "
+              f"each) saved to {args.index}")
+        return 0
+    index = RetrievalIndex.load(args.index)
+    if args.action == "add":
+        desc = load_descriptors(args.descriptors)
+        index.check_model(desc.config["model"])
+        index.add(desc.descriptors, desc.paths)
+        index.save(args.index)
+        print(f"added {len(desc.paths)} images; {len(index)} in {args.index}")
+        return 0
+    # search
+    if args.descriptors:
+        desc = load_descriptors(args.descriptors)
+        index.check_model(desc.config["model"])
+        names, queries = desc.paths, desc.descriptors
+    else:
+        if not args.images:
+            print("error: give query images or --descriptors DIR", file=sys.stderr)
+            return 2
+        from .model import RetrievalModel
+
+        if args.checkpoint:
+            model = RetrievalModel.load(args.checkpoint)
+        else:
+            if index.model_config is None:
+                print("error: the index has no model config; pass --checkpoint", file=sys.stderr)
+                return 2
+            model = RetrievalModel(ModelConfig.from_dict(index.model_config))
+        index.check_model(model.config.to_dict())
+        res = extract_descriptors(model, args.images, on_error="raise", progress=False, num_workers=0)
+        names, queries = res.paths, res.descriptors
+    if args.qe:
+        from .expansion import weighted_expansion
+        from .index import truncate_descriptors
+
+        if index.truncate:
+            queries = truncate_descriptors(queries, index.truncate)
+        sims, ids = index.search(queries, args.qe, nprobe=args.nprobe)
+        queries = weighted_expansion(queries, index.reconstruct(ids), sims, args.qe_alpha)
+    for name, hits in zip(names, index.search_paths(queries, args.k, nprobe=args.nprobe)):
+        print(f"query {name}")
+        for rank, (path, s) in enumerate(hits, 1):
+            print(f"  {rank:3d}  {s:.4f}  {path}")
+    return 0
+
+
 def cmd_download(args) -> int:
     from .download import DownloadError, download_benchmark
 
@@ -312,6 +375,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="override: output folder")
     p.add_argument("--device", default=None, help="override: auto, cpu, cuda")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("index", help="build, extend or search a faiss index of descriptors")
+    isub = p.add_subparsers(dest="action", required=True)
+    q = isub.add_parser("build", help="index a folder written by `remap extract`")
+    q.add_argument("descriptors")
+    q.add_argument("-o", "--index", required=True, help="index file to write")
+    q.add_argument("--factory", default="Flat", help='faiss factory string: "Flat", "PQ16", "IVF1024,PQ16", ...')
+    q.add_argument("--truncate", type=int, default=None, help="keep the first D dimensions (e.g. 128)")
+    q.add_argument("--train-sample", type=int, default=200_000, help="vectors used to train the quantisers")
+    q.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query (stored as default)")
+    q = isub.add_parser("add", help="add the descriptors of another extraction folder")
+    q.add_argument("index")
+    q.add_argument("descriptors")
+    q = isub.add_parser("search", help="ranked image paths with scores for query images")
+    q.add_argument("index")
+    q.add_argument("images", nargs="*", help="query images (described with the index's model)")
+    q.add_argument("--descriptors", help="or: a folder of query descriptors from `remap extract`")
+    q.add_argument("--checkpoint", help="the fine-tuned model the index was built with")
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--nprobe", type=int, default=None)
+    q.add_argument("--qe", type=int, default=0, help="alpha query expansion with the top-N (0: off)")
+    q.add_argument("--qe-alpha", type=float, default=3.0)
+    for q in isub.choices.values():
+        q.set_defaults(func=cmd_index)
 
     p = sub.add_parser("demo-data", help="build the embedded demo benchmark")
     p.add_argument("-o", "--out", default=None, help="folder (default data/cache/demo)")

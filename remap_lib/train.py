@@ -446,7 +446,10 @@ class Trainer:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     # ---------------------------------------------------------------- the loop
-    def run(self) -> list[dict]:
+    def prepare(self) -> torch.optim.Optimizer:
+        """Initialise (α, PCA-whitening FC, frozen parts) or resume; idempotent.  Returns the optimiser."""
+        if getattr(self, "_optimizer_ready", None) is not None:
+            return self._optimizer_ready
         cfg = self.cfg
         self.model.to(self.device)
         if cfg.channels_last:
@@ -458,6 +461,12 @@ class Trainer:
         else:
             self._init_parameters()
             optimizer = self._optimizer()
+        self._optimizer_ready = optimizer
+        return optimizer
+
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        optimizer = self.prepare()
         if self.step == 0 and self.rank == 0:
             (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
             before = self.validate()
