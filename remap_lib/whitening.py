@@ -96,5 +96,9 @@ def learn_pca_whitening(descriptors: np.ndarray, dim: int | None = None) -> PCAW
             f"cannot learn {dim}-d whitening from {n} descriptors of dimension {d_in}: "
             f"their covariance has rank {rank}. Use dim <= {rank} or more training images."
         )
+    if dim > n / 2:
+        log.warning("PCA-whitening to %d dimensions from only %d descriptors: the training descriptors "
+                    "themselves become nearly equidistant (at %d they would be exactly); fine for other "
+                    "images, but learn from more images or use fewer dimensions to train with it", dim, n, n - 1)
     projection = eigvec[:, :dim].T / np.sqrt(eigval[:dim])[:, None]
     return PCAWhitening(mean=mean, projection=projection, eigenvalues=eigval[:dim])

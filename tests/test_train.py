@@ -170,3 +170,20 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path, tiny_group
     hashes = summary["weight_sha256_per_rank"]
     assert summary["world_size"] == 2 and len(hashes) == 2 and hashes[0] == hashes[1]
     assert summary["triplets"] == 8
+
+
+def test_whitening_init_keeps_training_distances_informative(tmp_path, tiny_groups):
+    """Whitening N images in N-1 dims makes them equidistant (loss = margin/2 everywhere): the default avoids it."""
+    ds = load_folder_groups(tiny_groups)
+    trainer = Trainer(_cfg(tiny_groups, tmp_path / "run", whitening_init="pca"), train_set=ds)
+    trainer.prepare()
+    assert trainer.model.output_dim == len(ds.images) // 4  # 18 images -> 4 dims
+    x = trainer._describe()
+    d = 2 - 2 * x @ x.T
+    off = ~np.eye(len(x), dtype=bool)
+    assert d[off].std() > 0.1
+    from remap_lib.whitening import learn_pca_whitening
+
+    pooled = trainer._describe(whitened=False)
+    full = learn_pca_whitening(pooled, len(pooled) - 1).apply(pooled)
+    assert (2 - 2 * full @ full.T)[off].std() < 1e-3  # the degenerate case, for contrast
