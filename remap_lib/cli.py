@@ -262,21 +262,13 @@ def cmd_download(args) -> int:
 
 
 def _parse_datasets(specs: list[str], crop: bool, allow_missing: bool) -> dict:
+    """``[NAME=]PATH`` specs → ``{name: dataset}``."""
     from .datasets import load_dataset
 
     datasets = {}
     for spec in specs:
-        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        kwargs = {}
-        if path != "demo":
-            from pathlib import Path
-
-            root = Path(path)
-            if list(root.glob("gnd_*.pkl")) or list(root.glob("gt/*_query.txt")):
-                kwargs["crop_queries"] = crop
-            if allow_missing and not list(root.glob("[0-9]" * 6 + ".jpg")):
-                kwargs["allow_missing"] = True
-        ds = load_dataset(path, **kwargs)
+        name, _, path = spec.rpartition("=")
+        ds = load_dataset(path, crop_queries=crop, allow_missing=allow_missing)
         datasets[name or ds.name] = ds
     return datasets
 

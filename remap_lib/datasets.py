@@ -396,32 +396,34 @@ def load_csv_groups(csv_path: str | os.PathLike, name: str | None = None, *,
     return ds
 
 
-def load_dataset(spec: str, **kwargs) -> RetrievalDataset:
-    """Guess the layout of a folder (or CSV) and read it.
+def load_dataset(spec: str, *, crop_queries: bool = True, allow_missing: bool = False,
+                 rotations: str | os.PathLike | None = None) -> RetrievalDataset:
+    """Guess the layout of a folder (or CSV) and read it, passing each reader the options it has.
 
     ``spec`` is a path; a ``gnd_*.pkl`` means revisited, ``gt/*_query.txt``
     original Oxford/Paris, ``ukbench*.jpg`` UKBench, six-digit jpgs Holidays, a
     ``.csv`` a CSV of groups, sub-folders a folder of groups.  ``"demo"`` is
-    the embedded demo set.
+    the embedded demo set.  ``crop_queries`` applies to the Oxford/Paris
+    layouts, ``allow_missing`` to those and UKBench and CSVs, ``rotations`` to Holidays.
     """
     if spec == "demo":
         from .demo_data import load_demo_set
 
-        return load_demo_set(**kwargs)
+        return load_demo_set()
     path = Path(spec)
     if path.suffix.lower() == ".csv":
-        return load_csv_groups(path, **kwargs)
+        return load_csv_groups(path, allow_missing=allow_missing)
     if not path.exists():
         raise FileNotFoundError(f"dataset {spec} does not exist")
     if list(path.glob("gnd_*.pkl")):
-        return load_revisited(path, **kwargs)
+        return load_revisited(path, crop_queries=crop_queries, allow_missing=allow_missing)
     if list(path.glob("gt/*_query.txt")) or list(path.glob("*_query.txt")):
-        return load_oxford_paris(path, **kwargs)
+        return load_oxford_paris(path, crop_queries=crop_queries, allow_missing=allow_missing)
     if list(path.glob("ukbench*.jpg")) or list(path.glob("full/ukbench*.jpg")):
-        return load_ukbench(path, **kwargs)
+        return load_ukbench(path, allow_missing=allow_missing)
     if any(re.fullmatch(r"\d{6}", p.stem) for p in list(path.glob("*.jpg")) + list(path.glob("jpg/*.jpg"))):
-        return load_holidays(path, **kwargs)
-    return load_folder_groups(path, **kwargs)
+        return load_holidays(path, rotations=rotations)
+    return load_folder_groups(path)
 
 
 def split_groups(dataset: RetrievalDataset, groups: Sequence[int]) -> RetrievalDataset:

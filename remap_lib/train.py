@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 from . import functional as RF
 from .config import ModelConfig
 from .datasets import RetrievalDataset, load_dataset, split_groups
+from .download import sha256_file
 from .extract import scaled_sizes
 from .images import ImageSpec, load_spec, resize_longer_side, to_tensor
 from .model import RetrievalModel
@@ -153,14 +154,6 @@ def mine_hard_negatives(query_desc: np.ndarray, query_groups, pool_desc: np.ndar
     return sim.argmax(axis=1)
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_no_overlap(train: RetrievalDataset, evaluation: dict[str, RetrievalDataset]) -> None:
     """Refuse training images that are also evaluation images (same file or same bytes)."""
     def keys(specs):
@@ -168,7 +161,7 @@ def check_no_overlap(train: RetrievalDataset, evaluation: dict[str, RetrievalDat
         for s in specs:
             if os.path.exists(s.path):
                 out[os.path.realpath(s.path)] = s.path
-                out[_file_digest(s.path)] = s.path
+                out[sha256_file(s.path)] = s.path
         return out
 
     train_keys = keys(train.images)
