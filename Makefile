@@ -5,10 +5,13 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test notebooks venv clean
 
 demo: $(STAMP)  ## the main job
 	$(VENV)/bin/remap demo
+
+notebooks: $(STAMP)  ## the guided tour, run end to end by papermill (quick mode, demo set)
+	$(VENV)/bin/remap notebooks
 
 test: $(STAMP)  ## the test suite
 	$(PY) -m pytest -q

@@ -9,7 +9,8 @@
     remap index build|add|search         faiss index of extracted descriptors (Flat, PQ, IVF-PQ...)
     remap demo-data                      build the embedded demo benchmark
     remap download NAME --root DIR       fetch a standard benchmark (online users)
-    remap demo                           the main job: demo benchmark end to end
+    remap demo                           the demo benchmark end to end (tables and a picture)
+    remap notebooks [-p params.yaml]     the main job: run the guided-tour notebooks (papermill)
 
 Every subcommand takes the model options (``--backbone``, ``--head``,
 ``--layers``, ``--levels``, ``--image-size``, ``--multiscale``, ``--config FILE``).
@@ -125,6 +126,18 @@ def cmd_demo(args) -> int:
 
     run_demo(out_dir=args.out, image_size=args.image_size or DEMO_IMAGE_SIZE, progress=not args.quiet)
     return 0
+
+
+def cmd_notebooks(args) -> int:
+    from .notebooks import run_notebooks
+
+    params = {}
+    if args.parameters:
+        import yaml
+
+        with open(args.parameters) as f:
+            params = yaml.safe_load(f) or {}
+    return 0 if run_notebooks(args.out, params, only=args.only) else 1
 
 
 def cmd_demo_data(args) -> int:
@@ -404,7 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="folder to put it in (a sub-folder per benchmark)")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("demo", help="the main job: demo benchmark, five methods, table and picture")
+    p = sub.add_parser("notebooks", help="the main job: run the notebooks end to end with papermill")
+    p.add_argument("-p", "--parameters", default=None, help="YAML of parameters for every notebook (e.g. quick: false)")
+    p.add_argument("-o", "--out", default=None, help="output folder (default runs/notebooks-<time>)")
+    p.add_argument("--only", nargs="+", default=None, help="run only notebooks whose names contain these")
+    p.set_defaults(func=cmd_notebooks)
+
+    p = sub.add_parser("demo", help="the demo benchmark: five methods, table and picture")
     p.add_argument("--image-size", type=int, default=None, help="longer side (default 640)")
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/demo-<time>)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

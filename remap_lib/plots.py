@@ -12,7 +12,8 @@ from .datasets import RetrievalDataset
 from .images import load_spec
 from .metrics import rank_database
 
-__all__ = ["kl_weight_map", "plot_distance_histograms", "plot_kl_weights", "plot_query_results", "result_status"]
+__all__ = ["activation_maps", "kl_weight_map", "plot_distance_histograms", "plot_kl_weights", "plot_query_results",
+           "plot_region_grid", "result_status"]
 
 COLOURS = {"ok": "#1a9641", "wrong": "#d7191c", "junk": "#999999"}
 
@@ -152,3 +153,44 @@ def plot_kl_weights(klw, image=None, path: str | os.PathLike | None = None):
     if path is not None:
         fig.savefig(path, dpi=80)
     return fig
+
+
+def plot_region_grid(image, levels: int, ax=None, map_size: tuple[int, int] | None = None):
+    """The R-MAC region grid of ``levels`` scales drawn over an image (one colour per level).
+
+    The grid is computed on the feature map the image gives at stride 32
+    (``map_size`` overrides), then scaled to the picture.
+    """
+    from matplotlib.patches import Rectangle
+
+    from .functional import rmac_regions
+
+    img = load_spec(image) if not hasattr(image, "size") else image
+    w, h = img.size
+    mh, mw = map_size or (max(1, round(h / 32)), max(1, round(w / 32)))
+    boxes, lv = rmac_regions(mh, mw, levels, return_levels=True)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 6 * h / w))
+    ax.imshow(np.asarray(img))
+    colours = plt.cm.viridis(np.linspace(0, 0.9, levels))
+    sx, sy = w / mw, h / mh
+    for (x0, y0, x1, y1), level in zip(boxes.tolist(), lv.tolist()):
+        ax.add_patch(Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False, lw=1.5,
+                               edgecolor=colours[level - 1], alpha=0.9))
+    ax.set_title(f"S = {levels} scales: {len(boxes)} regions on a {mh}x{mw} map", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax
+
+
+def activation_maps(model, image, size: int = 512) -> dict[str, np.ndarray]:
+    """Per layer of ``model``, the maximum activation over channels at each position (paper Fig. 3)."""
+    import torch
+
+    from .images import resize_longer_side, to_tensor
+
+    img = load_spec(image) if not hasattr(image, "size") else image
+    x = to_tensor(resize_longer_side(img, size))[None].to(model.device)
+    with torch.no_grad():
+        maps = model.feature_maps(x)
+    return {layer: m[0].amax(0).cpu().numpy() for layer, m in maps.items()}

@@ -115,3 +115,16 @@ def test_config_round_trip_and_digest(tmp_path):
         ModelConfig(head="vlad")
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"hed": "mac"})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(random_lite0):
+    model = RetrievalModel(ModelConfig(head="remap", levels=2), backbone=random_lite0)
+    x = torch.rand(1, 3, 64, 64)
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.backbone.checkpointing = checkpointing
+        model(x).sum().backward()
+        grads.append(model.backbone.stages["block3"]._depthwise_conv.weight.grad.clone())
+    model.backbone.checkpointing = False
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
