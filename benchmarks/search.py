@@ -7,8 +7,11 @@ with the real descriptors' mean and covariance, L2-normalised
 (:func:`remap_lib.index.synthetic_distractors`).  Queries: the real rParis
 queries and UKBench images.  For each index: build (train + add) time, bytes of
 code per image, single-query latency p50/p99 on this machine, recall@10
-against exact search.  IVF-PQ's ``nprobe`` is the smallest that reaches recall@10
-≥ 0.9 of the flat-PQ result (the target); the sweep is reported.
+against exact search.  IVF-PQ's ``nprobe`` is the smallest whose recall@10 reaches
+0.9 of *exact PQ search over the same codes* (an exhaustive scan, nprobe = nlist):
+what the inverted file's probing loses.  IVF-PQ quantises residuals, flat PQ the
+vectors themselves, so their top-10s also differ by quantisation noise; recall
+against flat PQ and against exact float search is reported beside it.
 
 Targets: PQ stores ≤ 16 bytes per image; flat-PQ p50 ≤ 20 ms over 1M; IVF-PQ
 p50 ≤ 2 ms with recall@10 ≥ 0.9 of exact PQ.
@@ -86,18 +89,20 @@ def main(argv=None) -> dict:
 
     exact = results["flat float32"].search(queries, k)[1]
     pq = results["flat PQ 16x8"].search(queries, k)[1]
+    ivf_name = f"IVF{nlist}-PQ 16x8"
+    ivf_exhaustive = results[ivf_name].search(queries, k, nprobe=nlist)[1]  # exact PQ over the IVF codes
     for name in ("flat float32", "flat PQ 16x8"):
         p50, p99 = _latency(results[name], queries, k)
         rows[name].update({"p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
                            "recall@10_vs_exact": round(_recall(results[name].search(queries, k)[1], exact), 4)})
-    ivf_name = f"IVF{nlist}-PQ 16x8"
     sweep = []
     chosen = None
     for nprobe in (1, 2, 4, 8, 16, 32, 64, 128, 256):
         found = results[ivf_name].search(queries, k, nprobe=nprobe)[1]
-        r_pq, r_exact = _recall(found, pq), _recall(found, exact)
+        r_pq, r_exact = _recall(found, ivf_exhaustive), _recall(found, exact)
         p50, p99 = _latency(results[ivf_name], queries, k, nprobe)
         sweep.append({"nprobe": nprobe, "recall@10_vs_pq": round(r_pq, 4), "recall@10_vs_exact": round(r_exact, 4),
+                      "recall@10_vs_flat_pq": round(_recall(found, pq), 4),
                       "p50_ms": round(p50, 3), "p99_ms": round(p99, 3)})
         if chosen is None and r_pq >= 0.9:
             chosen = sweep[-1]
@@ -105,6 +110,7 @@ def main(argv=None) -> dict:
     chosen = chosen or sweep[-1]
     rows[ivf_name].update({"nprobe": chosen["nprobe"], "p50_ms": chosen["p50_ms"], "p99_ms": chosen["p99_ms"],
                            "recall@10_vs_pq": chosen["recall@10_vs_pq"],
+                           "recall@10_vs_flat_pq": chosen["recall@10_vs_flat_pq"],
                            "recall@10_vs_exact": chosen["recall@10_vs_exact"]})
     rows["flat PQ 16x8"]["recall@10_vs_pq"] = 1.0
     targets = {"pq_bytes<=16": rows["flat PQ 16x8"]["bytes_per_image"] <= 16,
@@ -114,7 +120,8 @@ def main(argv=None) -> dict:
 
     print(f"\n{len(db)} descriptors ({len(base)} real, {n_fake} synthetic, generated in {gen_seconds:.1f} s), "
           f"128-D, {len(queries)} single queries, {faiss.omp_get_max_threads()} threads\n")
-    print(f"{'index':22s}{'build s':>9s}{'bytes':>8s}{'p50 ms':>9s}{'p99 ms':>9s}{'R@10 exact':>12s}{'R@10 PQ':>10s}")
+    print(f"{'index':22s}{'build s':>9s}{'bytes':>8s}{'p50 ms':>9s}{'p99 ms':>9s}{'R@10 exact':>12s}"
+          f"{'R@10 PQ':>10s}   (PQ: exhaustive ADC over the index's own codes)")
     for name, r in rows.items():
         print(f"{name:22s}{r['build_s']:9.1f}{r['bytes_per_image']:8.0f}{r['p50_ms']:9.3f}{r['p99_ms']:9.3f}"
               f"{r['recall@10_vs_exact']:12.3f}{r.get('recall@10_vs_pq', float('nan')):10.3f}")
