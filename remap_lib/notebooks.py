@@ -45,7 +45,7 @@ def _declared_parameters(path: Path) -> set[str]:
 
 def run_notebooks(out_dir: str | os.PathLike | None = None, parameters: dict | None = None,
                   folder: str | os.PathLike = NOTEBOOKS, only: list[str] | None = None,
-                  kernel: str = "python3") -> bool:
+                  kernel: str = "python3", cell_timeout: int = 1200) -> bool:
     """Execute the notebooks; returns True when every one ran without error."""
     import nbformat
     import papermill
@@ -64,7 +64,10 @@ def run_notebooks(out_dir: str | os.PathLike | None = None, parameters: dict | N
         t = time.perf_counter()
         print(f"running {path.name} {params or ''}", flush=True)
         try:
-            kwargs = {"kernel_name": kernel, "parameters": params, "cwd": str(path.parent), "progress_bar": False}
+            kwargs = {"kernel_name": kernel, "parameters": params, "cwd": str(path.parent), "progress_bar": False,
+                      # a nightly run must fail, not hang: a kernel that never starts or a cell that never
+                      # returns (seen once: client and kernel both idle on the first cell) ends the notebook
+                      "start_timeout": 120, "execution_timeout": cell_timeout}
             if "log_output" in inspect.signature(papermill.execute_notebook).parameters:
                 kwargs["log_output"] = False
             papermill.execute_notebook(str(path), str(target), **kwargs)
