@@ -5,13 +5,16 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test notebooks venv clean
+.PHONY: demo test notebooks test-notebooks venv clean
 
 demo: $(STAMP)  ## the main job
 	$(VENV)/bin/remap demo
 
 notebooks: $(STAMP)  ## the guided tour, run end to end by papermill (quick mode, demo set)
 	$(VENV)/bin/remap notebooks
+
+test-notebooks: $(STAMP)  ## nbval (lax) over the notebooks in quick mode
+	$(PY) -m pytest -q --nbval-lax notebooks/ -p no:cacheprovider
 
 test: $(STAMP)  ## the test suite
 	$(PY) -m pytest -q
