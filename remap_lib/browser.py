@@ -19,7 +19,7 @@ import numpy as np
 from .config import ModelConfig
 from .datasets import RetrievalDataset
 from .evaluate import describe, score
-from .images import load_spec
+from .images import load_thumbnail
 from .metrics import rank_database
 
 __all__ = ["QueryBrowser"]
@@ -28,10 +28,8 @@ COLOURS = {"ok": "#1a9641", "wrong": "#d7191c", "junk": "#999999"}
 
 
 def _thumb_png(spec, size: int = 120) -> bytes:
-    img = load_spec(spec)
-    img.thumbnail((size, size))
     buf = io.BytesIO()
-    img.save(buf, "PNG")
+    load_thumbnail(spec, size).save(buf, "PNG")
     return buf.getvalue()
 
 

@@ -157,10 +157,9 @@ def cmd_klw(args) -> int:
 
     dataset = next(iter(_parse_datasets([args.dataset], True, False).values()))
     if args.groups:
-        from .datasets import split_groups
+        from .datasets import parse_group_range, split_groups
 
-        lo, hi = (int(v) for v in args.groups.split("-"))
-        dataset = split_groups(dataset, range(lo, hi + 1))
+        dataset = split_groups(dataset, parse_group_range(args.groups))
     config = config_from_args(args, head="remap")
     model = RetrievalModel(config)
     width, height = (int(v) for v in args.input_size.lower().split("x"))

@@ -48,7 +48,9 @@ __all__ = [
     "load_oxford_paris",
     "load_revisited",
     "load_ukbench",
+    "parse_group_range",
     "safe_load_pickle",
+    "split_groups",
 ]
 
 log = logging.getLogger(__name__)
@@ -326,6 +328,13 @@ def _group_dataset(name: str, specs: list[ImageSpec], labels: list[str]) -> Retr
     return RetrievalDataset(name, specs, list(specs), {"map": gnd}, groups, "map")
 
 
+def _add_ukbench_protocol(ds: RetrievalDataset) -> RetrievalDataset:
+    """UKBench's own protocol (4×R@4, the query counted among its relevant images) beside ``map``."""
+    ds.gnd["ukbench"] = [{"ok": e["ok"] + e["junk"], "junk": []} for e in ds.gnd["map"]]
+    ds.primary = "ukbench"
+    return ds
+
+
 def load_ukbench(root: str | os.PathLike, *, allow_missing: bool = False) -> RetrievalDataset:
     """UKBench: ``ukbenchNNNNN.jpg``, four consecutive images per object, every image a query.
 
@@ -350,9 +359,7 @@ def load_ukbench(root: str | os.PathLike, *, allow_missing: bool = False) -> Ret
         )
     keep = [i for i, n in enumerate(numbers) if n // 4 not in set(incomplete)]
     specs = [ImageSpec(str(files[i])) for i in keep]
-    ds = _group_dataset("ukbench", specs, [f"{numbers[i] // 4:05d}" for i in keep])
-    ds.gnd["ukbench"] = [{"ok": e["ok"] + e["junk"], "junk": []} for e in ds.gnd["map"]]
-    ds.primary = "ukbench"
+    ds = _add_ukbench_protocol(_group_dataset("ukbench", specs, [f"{numbers[i] // 4:05d}" for i in keep]))
     if incomplete:
         ds.dropped = {"images": len(files) - len(keep), "queries": len(files) - len(keep)}
     return ds
@@ -435,7 +442,13 @@ def split_groups(dataset: RetrievalDataset, groups: Sequence[int]) -> RetrievalD
     specs = [dataset.images[i] for i in keep]
     ds = _group_dataset(f"{dataset.name}[{len(wanted)} groups]", specs,
                         [f"{dataset.groups[i]:06d}" for i in keep])
-    if "ukbench" in dataset.gnd:
-        ds.gnd["ukbench"] = [{"ok": e["ok"] + e["junk"], "junk": []} for e in ds.gnd["map"]]
-        ds.primary = "ukbench"
-    return ds
+    return _add_ukbench_protocol(ds) if "ukbench" in dataset.gnd else ds
+
+
+def parse_group_range(spec: str) -> range:
+    """``"LO-HI"`` (inclusive, e.g. ``"0-99"``: UKBench's first 100 objects) as a ``range``."""
+    try:
+        lo, hi = (int(v) for v in spec.split("-"))
+    except ValueError:
+        raise ValueError(f"group range must look like LO-HI (e.g. 0-99), got {spec!r}") from None
+    return range(lo, hi + 1)

@@ -37,6 +37,7 @@ __all__ = [
     "ImageLoadError",
     "ImageSpec",
     "load_spec",
+    "load_thumbnail",
     "list_images",
     "load_image",
     "resize_longer_side",
@@ -184,4 +185,11 @@ def load_spec(spec: "ImageSpec | str", max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         if box[2] - box[0] < 1 or box[3] - box[1] < 1:
             raise ImageLoadError(spec.path, f"crop box {spec.box} lies outside the {w}x{h} image")
         img = img.crop(box)
+    return img
+
+
+def load_thumbnail(spec: "ImageSpec | str", size: int) -> Image.Image:
+    """:func:`load_spec`, shrunk to fit a ``size`` × ``size`` box (for figures and browsers)."""
+    img = load_spec(spec)
+    img.thumbnail((size, size))
     return img

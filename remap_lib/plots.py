@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # headless machines fall back to the Agg backen
 import numpy as np
 
 from .datasets import RetrievalDataset
-from .images import load_spec
+from .images import load_spec, load_thumbnail
 from .metrics import rank_database
 
 __all__ = ["activation_maps", "kl_weight_map", "plot_distance_histograms", "plot_kl_weights", "plot_query_results",
@@ -26,10 +26,13 @@ def result_status(dataset: RetrievalDataset, protocol: str, query: int, db_index
     return "junk" if db_index in g.get("junk", []) else "wrong"
 
 
+def _as_image(image):
+    """A PIL image as it is, or an :class:`ImageSpec` / path loaded."""
+    return image if hasattr(image, "size") else load_spec(image)
+
+
 def _thumb(spec, size=200):
-    img = load_spec(spec)
-    img.thumbnail((size, size))
-    return np.asarray(img)
+    return np.asarray(load_thumbnail(spec, size))
 
 
 def plot_query_results(dataset: RetrievalDataset, results: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -132,7 +135,7 @@ def plot_kl_weights(klw, image=None, path: str | os.PathLike | None = None):
                              gridspec_kw={"width_ratios": [1.4, 1]})
     img = None
     if image is not None:
-        img = load_spec(image) if not hasattr(image, "size") else image
+        img = _as_image(image)
         img = np.asarray(img.resize((512, 384)))
     for row, layer in zip(axes, layers):
         w = klw.weights[layer]
@@ -165,7 +168,7 @@ def plot_region_grid(image, levels: int, ax=None, map_size: tuple[int, int] | No
 
     from .functional import rmac_regions
 
-    img = load_spec(image) if not hasattr(image, "size") else image
+    img = _as_image(image)
     w, h = img.size
     mh, mw = map_size or (max(1, round(h / 32)), max(1, round(w / 32)))
     boxes, lv = rmac_regions(mh, mw, levels, return_levels=True)
@@ -189,7 +192,7 @@ def activation_maps(model, image, size: int = 512) -> dict[str, np.ndarray]:
 
     from .images import resize_longer_side, to_tensor
 
-    img = load_spec(image) if not hasattr(image, "size") else image
+    img = _as_image(image)
     x = to_tensor(resize_longer_side(img, size))[None].to(model.device)
     with torch.no_grad():
         maps = model.feature_maps(x)

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from . import functional as RF
 from .config import ModelConfig
-from .datasets import RetrievalDataset, load_dataset, split_groups
+from .datasets import RetrievalDataset, load_dataset, parse_group_range, split_groups
 from .download import sha256_file
 from .extract import scaled_sizes
 from .images import ImageSpec, load_spec, resize_longer_side, to_tensor
@@ -228,12 +228,6 @@ def _distributed() -> tuple[int, int, int]:
     return world, rank, local
 
 
-def _parse_groups(spec: str | None):
-    if spec is None:
-        return None
-    lo, hi = (int(v) for v in spec.split("-"))
-    return range(lo, hi + 1)
-
 
 class Trainer:
     """Runs a :class:`TrainConfig`; ``Trainer(cfg).run()`` trains (resuming if a checkpoint exists)."""
@@ -274,7 +268,7 @@ class Trainer:
     @staticmethod
     def _load(spec: str, groups: str | None) -> RetrievalDataset:
         ds = load_dataset(spec)
-        return split_groups(ds, _parse_groups(groups)) if groups else ds
+        return split_groups(ds, parse_group_range(groups)) if groups else ds
 
     # ---------------------------------------------------------------- setup
     def _init_parameters(self) -> None:
