@@ -1,22 +1,26 @@
-"""Paper Fig. 8 on our data: mAP as the database grows with distractors (issue 6).
+"""Paper Fig. 8 and Table VII on our data: compact codes as the database grows with distractors.
 
 Queries: the 12 revisited-Paris queries (cropped); database: the 238 rParis
 images, then the real distractors we have (600 UKBench and 153 demo images),
 then synthetic distractors (Gaussian fitted to the real descriptors,
 :func:`remap_lib.index.synthetic_distractors`) up to ``--max-n``.  Methods, all
 EfficientNet-Lite0 off the shelf, PCA-whitened (learned on UKBench + demo) and
-truncated to 128-D: REMAP 128-D (flat), REMAP PQ 16×8 (ADC), R-MAC 128-D.
+truncated to 128-D: Fig. 8's REMAP 128-D (flat), REMAP PQ 16×8 (ADC), R-MAC
+128-D and R-MAC PQ 16×8; Table VII's compact baselines MAC, SPoC and GeM 128-D.
 mAP (Medium and Hard) from the top-1000 of each search.  The PQ codebook is
 trained once, on a fixed sample of the largest database, and reused at every size.
 
     python benchmarks/distractors.py [--max-n 1000000] [--json] [--plot runs/fig8.png]
+    python benchmarks/distractors.py --methods "REMAP 128-D" "R-MAC 128-D"   # a subset
+
+Writes ``fig8_table7.csv/.json/.md`` (with the configuration) to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,9 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
+from _paper import write_outputs  # noqa: E402
 from _real_descriptors import real_descriptors  # noqa: E402
 from remap_lib.index import RetrievalIndex, synthetic_distractors  # noqa: E402
 from remap_lib.metrics import mean_average_precision  # noqa: E402
+
+METHODS = {"REMAP 128-D": ("remap", "Flat"), "REMAP PQ 16x8": ("remap", "PQ16"), "R-MAC 128-D": ("rmac", "Flat"),
+           "R-MAC PQ 16x8": ("rmac", "PQ16"), "GeM 128-D": ("gem", "Flat"), "MAC 128-D": ("mac", "Flat"),
+           "SPoC 128-D": ("spoc", "Flat")}
 
 
 def main(argv=None) -> dict:
@@ -36,21 +45,24 @@ def main(argv=None) -> dict:
     p.add_argument("--cache", default=str(ROOT / "runs" / "bench-cache"))
     p.add_argument("--max-n", type=int, default=1_000_000)
     p.add_argument("--top", type=int, default=1000)
-    p.add_argument("--plot", default=str(ROOT / "runs" / "fig8_distractors.png"))
+    p.add_argument("--plot", default=str(ROOT / "runs" / "paper" / "fig8_table7" / "fig8.png"))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--out", default=str(ROOT / "runs" / "paper" / "fig8_table7"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    methods = {m: METHODS[m] for m in args.methods}
 
     descs = {}
-    for head in ("remap", "rmac"):
+    for head in dict.fromkeys(h for h, _ in methods.values()):
         real, rparis = real_descriptors(head, Path(args.data_root), Path(args.cache))
         base = np.concatenate([real["rparis6k"], real["ukbench"], real["demo"]])
         fake = synthetic_distractors(base, max(0, args.max_n - len(base)), seed=0)
         descs[head] = (np.concatenate([base, fake]), real["rparis6k_queries"])
-    n_real = len(descs["remap"][0]) - max(0, args.max_n - len(base))
+    n_real = len(base)
     sizes = sorted({238, n_real} | {s for s in (10_000, 100_000, 1_000_000) if s <= args.max_n})
     gnd = {p: rparis.gnd[p] for p in ("medium", "hard")}
 
-    methods = {"REMAP 128-D": ("remap", "Flat"), "REMAP PQ 16x8": ("remap", "PQ16"), "R-MAC 128-D": ("rmac", "Flat")}
     table = {m: {} for m in methods}
     for name, (head, factory) in methods.items():
         db, queries = descs[head]
@@ -86,11 +98,12 @@ def main(argv=None) -> dict:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=90)
         print(f"\nplot: {args.plot}")
-    blob = {"sizes": sizes, "real": n_real, "top": args.top, "table": table}
-    if args.json:
-        print(json.dumps(blob))
-    return blob
-
+    tables = {f"rParis {p.title()} mAP (%) vs database size": {m: {f"{n:,}": table[m][n][p] for n in sizes}
+                                                                for m in methods} for p in ("medium", "hard")}
+    config = {**vars(args), "sizes": sizes, "real": n_real, "whitening": "PCA-whitening learned on UKBench + demo",
+              "pq_training": "one codebook per method, trained on 100k vectors of the largest database"}
+    return write_outputs(args.out, "fig8_table7", tables, config, None, time.perf_counter() - t0, args.json,
+                         [f"first {n_real} database vectors are real images, the rest synthetic distractors."])
 
 if __name__ == "__main__":
     main()

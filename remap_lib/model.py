@@ -100,7 +100,14 @@ class RetrievalModel(nn.Module):
         also weigh the layers against each other (the paper's "region and layer
         weighting"); baseline streams are L2-normalised first.
         """
-        maps = self.feature_maps(images)
+        return self.pool_maps(self.feature_maps(images))
+
+    def pool_maps(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`pool` on feature maps already computed (``{layer: (N, C, H, W)}``).
+
+        Lets experiments that only change the head (region count, layers, α)
+        run the backbone once and pool many ways (``benchmarks/paper_*.py``).
+        """
         parts = []
         for layer in self.layers:
             v = self.streams[layer](maps[layer])
