@@ -5,19 +5,25 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test notebooks test-notebooks venv clean
+.PHONY: demo evaluate-demo test notebooks test-notebooks paper venv clean
 
-demo: $(STAMP)  ## the main job
-	$(VENV)/bin/remap demo
-
-notebooks: $(STAMP)  ## the guided tour, run end to end by papermill (quick mode, demo set)
+demo: $(STAMP)  ## the main job: the guided tour (notebooks 01-05) end to end with papermill, demo set
 	$(VENV)/bin/remap notebooks
 
-test-notebooks: $(STAMP)  ## nbval (lax) over the notebooks in quick mode
+notebooks: demo
+
+evaluate-demo: $(STAMP)  ## the five methods + colour histogram on the demo set, table and pictures
+	$(VENV)/bin/remap demo
+
+test-notebooks: $(STAMP)  ## only nbval (lax) over the notebooks in quick mode
 	$(PY) -m pytest -q --nbval-lax notebooks/ -p no:cacheprovider
 
-test: $(STAMP)  ## the test suite
-	$(PY) -m pytest -q
+test: $(STAMP)  ## the test suite: unit tests, the real-browser test, nbval (lax) over the notebooks
+	bash .ci/ensure_chromium
+	$(PY) -m pytest -q --nbval-lax tests notebooks
+
+paper: $(STAMP)  ## the paper's experiments on ../shared/data (docs/RESULTS.md); about an hour on 2 CPUs
+	PY=$(PY) bash benchmarks/run_paper.sh
 
 venv: $(STAMP)
 
