@@ -158,6 +158,22 @@ def plot_kl_weights(klw, image=None, path: str | os.PathLike | None = None):
     return fig
 
 
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """A matplotlib figure as PNG bytes, and the figure closed.
+
+    For widgets that show a picture (``ipywidgets.Image``): a slider that
+    redraws into an Image instead of an ``interact``/``Output`` widget keeps
+    notebooks executable headless (papermill/nbclient can hang on the
+    Output widget's captured ``clear_output``; nteract/papermill#723).
+    """
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def plot_region_grid(image, levels: int, ax=None, map_size: tuple[int, int] | None = None):
     """The R-MAC region grid of ``levels`` scales drawn over an image (one colour per level).
 

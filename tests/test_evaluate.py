@@ -151,3 +151,20 @@ def test_download_resumes_a_partial_file(tmp_path, monkeypatch):
     finally:
         server.shutdown()
     assert seen == ["bytes=30000-"] and dest.read_bytes() == payload
+
+
+def test_figure_png_is_a_png_of_the_figure_and_closes_it():
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from remap_lib.plots import figure_png
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.imshow(np.zeros((30, 40)))
+    data = figure_png(fig, dpi=50)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.width <= 200 and img.height <= 150 and img.width > img.height  # bbox-tight 4x3 in at 50 dpi
+    assert not plt.fignum_exists(fig.number)
