@@ -66,7 +66,7 @@ def run_notebooks(out_dir: str | os.PathLike | None = None, parameters: dict | N
         try:
             kwargs = {"kernel_name": kernel, "parameters": params, "cwd": str(path.parent), "progress_bar": False,
                       # a nightly run must fail, not hang: a kernel that never starts or a cell that never
-                      # returns (seen once: client and kernel both idle on the first cell) ends the notebook
+                      # returns (e.g. nbclient waiting forever on an `interact` widget, papermill#723) ends the notebook
                       "start_timeout": 120, "execution_timeout": cell_timeout}
             if "log_output" in inspect.signature(papermill.execute_notebook).parameters:
                 kwargs["log_output"] = False
