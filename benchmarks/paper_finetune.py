@@ -78,7 +78,7 @@ def evaluation_sets(args) -> list[Bench]:
     benches = find_datasets(args.data_root, not args.no_demo, args.only, args.size_override)
     out = []
     for b in benches:
-        if b.name == "ukbench":  # objects 0-99 are the training set
+        if b.name == "ukbench" and not args.train:  # objects 0-99 are the training set
             test = split_groups(b.dataset, range(100, len(set(b.dataset.groups))))
             out.append(Bench("ukbench-test", test, b.size, b.kind))
         else:
@@ -174,6 +174,9 @@ def main(argv=None) -> dict:
     p.add_argument("--size", dest="size_override", action="append", default=["revisited=768"], metavar="KIND=PX",
                    help="evaluation sizes (default here: revisited sets at 768 px to keep CPU runs short)")
     p.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--train", default=None,
+                   help="training set with groups (folder of groups, CSV, UKBench layout...); default: UKBench 0-99")
+    p.add_argument("--train-groups", default=None, help="LO-HI: only these groups of --train")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--train-size", type=int, default=240, help="training image size (longer side)")
@@ -193,12 +196,20 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     device = select_device(args.device)
     root = Path(args.data_root)
-    if not (root / "ukbench").is_dir():
-        p.error(f"{root}/ukbench is needed: the networks are fine-tuned on UKBench objects 0-99")
-    from remap_lib.datasets import load_ukbench
+    from remap_lib.datasets import load_dataset, load_ukbench, parse_group_range
 
-    train_set = split_groups(load_ukbench(root / "ukbench"), TRAIN_GROUPS)
+    if args.train:  # e.g. a folder of landmark groups, or a CSV of image,group
+        train_set = load_dataset(args.train)
+        if args.train_groups:
+            train_set = split_groups(train_set, parse_group_range(args.train_groups))
+    elif (root / "ukbench").is_dir():
+        train_set = split_groups(load_ukbench(root / "ukbench"), TRAIN_GROUPS)
+    else:
+        p.error(f"no training set: pass --train, or put ukbench/ under {root} (objects 0-99 are used)")
     benches = evaluation_sets(args)
+    from remap_lib.train import check_no_overlap
+
+    check_no_overlap(train_set, {b.name: b.dataset for b in benches})  # never evaluate on training images
     results = {name: run_one(name, args, train_set, benches, device) for name in args.runs}
 
     def table(names, kind):
@@ -229,9 +240,9 @@ def main(argv=None) -> dict:
     tables["training"] = training
     per_query = {f"{r['label']} | {when} | {k}": v for r in results.values()
                  for when in ("before", "after") for k, v in r[f"aps_{when}"].items()}
-    config = {**vars(args), "device": str(device), "train_groups": "ukbench 0-99",
+    config = {**vars(args), "device": str(device), "train_set": train_set.summary(),
               "eval": {b.name: b.size for b in benches}}
-    notes = [f"trained on UKBench objects 0-99 at {args.train_size} px: {args.steps} updates x "
+    notes = [f"trained on {train_set.name} ({len(train_set.images)} images) at {args.train_size} px: {args.steps} updates x "
              f"{args.accumulate} triplets, negatives re-mined every {args.remine_every} triplets, "
              f"triplet margin {args.margin}, lr {args.lr}, {device}."]
     return write_outputs(args.out, "finetune", tables, config, per_query, time.perf_counter() - t0, args.json, notes)
