@@ -7,8 +7,9 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: demo evaluate-demo test notebooks test-notebooks paper venv clean
 
+# the nightly full run on other data: make demo PARAMS=notebooks/full.yaml
 demo: $(STAMP)  ## the main job: the guided tour (notebooks 01-05) end to end with papermill, demo set
-	$(VENV)/bin/remap notebooks
+	$(VENV)/bin/remap notebooks $(if $(PARAMS),-p $(PARAMS))
 
 notebooks: demo
 
