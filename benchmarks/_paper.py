@@ -23,6 +23,7 @@ What every experiment needs, in one place:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import platform
 import sys
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from remap_lib.backbones import build_backbone  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import RetrievalDataset, load_dataset, load_revisited, load_ukbench  # noqa: E402
+from remap_lib.datasets import RetrievalDataset, load_dataset, load_revisited, load_ukbench, split_groups  # noqa: E402
 from remap_lib.evaluate import describe, score  # noqa: E402
 from remap_lib.extract import _ImageDataset  # noqa: E402
 from remap_lib.model import RetrievalModel  # noqa: E402
@@ -76,7 +77,7 @@ def common_arguments(parser, default_out: str) -> None:
     parser.add_argument("--whiten-dim", type=int, default=256,
                         help="PCA-whitening dimension (capped by the number of training images - 1)")
     parser.add_argument("--cache", default=str(ROOT / "runs" / "paper" / "cache"),
-                        help="feature-map / descriptor cache shared by the scripts")
+                        help="pooled-descriptor cache shared by the scripts")
     parser.add_argument("--out", default=str(ROOT / "runs" / "paper" / default_out))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="also print everything as one JSON object")
@@ -108,10 +109,14 @@ def find_datasets(data_root: str | Path, demo: bool = True, only=None, size_over
     return found
 
 
-def select_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def held_out_ukbench(bench: Bench, train_groups=range(100)) -> tuple[RetrievalDataset, Bench]:
+    """UKBench split for experiments that learn from it: ``(training groups, the rest as "ukbench-test")``.
+
+    Objects 0–99 train (KL weights, fine-tuning); 100 onwards are scored, never trained on.
+    """
+    train = split_groups(bench.dataset, train_groups)
+    rest = range(max(train_groups) + 1, len(set(bench.dataset.groups)))
+    return train, Bench("ukbench-test", split_groups(bench.dataset, rest), bench.size, bench.kind)
 
 
 class SharedBackbone:
@@ -122,8 +127,8 @@ class SharedBackbone:
     the feature maps of the layers any head needs, hands them to every
     model's :meth:`RetrievalModel.pool_maps`, and keeps only the pooled
     descriptors, so memory does not grow with the maps and the full
-    benchmarks fit.  Results are cached per (dataset, head config, sizes) as
-    ``.npy`` files, so re-running a script (or another script with the same
+    benchmarks fit.  Results are cached per (dataset, head config and
+    region weights α, sizes) as ``.npy`` files, so re-running a script (or another script with the same
     heads) skips the CNN.  :func:`check_against_describe` verifies on a few
     images that this path equals the normal extraction.
     """
@@ -146,7 +151,11 @@ class SharedBackbone:
         return RetrievalModel(cfg, self.backbone).to(self.device)
 
     def _path(self, bench: Bench, model: RetrievalModel, sizes, part: str) -> Path:
-        return self.dir / f"{bench.name}-{len(bench.dataset.images)}" / f"{model.config.digest()}-{'x'.join(map(str, sizes))}-{part}.npy"
+        # α are weights, not config: two REMAP heads with one config and different α (ones vs KL)
+        # must not share an entry
+        alpha = hashlib.sha256(b"".join(a.numpy().tobytes() for a in model.region_weights().values()))
+        key = f"{model.config.digest()}-{alpha.hexdigest()[:12]}-{'x'.join(map(str, sizes))}-{part}.npy"
+        return self.dir / f"{bench.name}-{len(bench.dataset.images)}" / key
 
     def _pass(self, specs, sizes, models: dict[str, RetrievalModel], label: str) -> dict[str, np.ndarray]:
         layers = sorted({layer for m in models.values() for layer in m.layers})
@@ -228,7 +237,7 @@ def disjoint_whitening(raw_db: dict[str, np.ndarray], name: str, dim: int):
 
 def run_heads(shared: SharedBackbone, benches: list[Bench], methods: dict, whiten_dim: int,
               check: bool = True) -> tuple[dict, dict, dict]:
-    """Evaluate off-the-shelf heads over cached maps.
+    """Evaluate off-the-shelf heads, one backbone pass per image and size for all of them.
 
     ``methods``: label → ``(ModelConfig, scale_weights)``; ``scale_weights``
     of length 2 means paper Eq. 3 over sizes ``[size, 1.25·size]`` (1280/1024).

@@ -53,9 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _paper import (Bench, SharedBackbone, combine_scales, disjoint_whitening, find_datasets,  # noqa: E402
-                    scores_row, select_device, write_outputs)
+from _paper import (Bench, SharedBackbone, disjoint_whitening, find_datasets, held_out_ukbench,  # noqa: E402
+                    scores_row, write_outputs)
 from remap_lib.config import ModelConfig  # noqa: E402
+from remap_lib.extract import select_device  # noqa: E402
 from remap_lib.datasets import split_groups  # noqa: E402
 from remap_lib.index import truncate_descriptors  # noqa: E402
 from remap_lib.klw import estimate_kl_weights  # noqa: E402
@@ -79,8 +80,7 @@ def evaluation_sets(args) -> list[Bench]:
     out = []
     for b in benches:
         if b.name == "ukbench" and not args.train:  # objects 0-99 are the training set
-            test = split_groups(b.dataset, range(100, len(set(b.dataset.groups))))
-            out.append(Bench("ukbench-test", test, b.size, b.kind))
+            out.append(held_out_ukbench(b, TRAIN_GROUPS)[1])
         else:
             out.append(b)
     return out
@@ -98,15 +98,14 @@ def evaluate_network(model: RetrievalModel, benches: list[Bench], whiten_dim: in
         db, q = pooled[b.name]
         if model.whiten is not None:
             with torch.inference_mode():
-                fc = [torch.nn.functional.normalize(model.whiten(torch.from_numpy(x).to(device)), dim=1).cpu().numpy()
-                      for x in (db, q)]
+                fc = [model.from_pooled(torch.from_numpy(x).to(device)).cpu().numpy() for x in (db, q)]
             row, ap = scores_row(b, *fc)
             rows["FC"].update(row)
             aps.update({f"FC | {k}": v for k, v in ap.items()})
         w = disjoint_whitening({n: d for n, (d, _) in pooled.items()}, b.name, whiten_dim)
         if w is None:
             continue
-        full = [combine_scales(x[None], (1.0,), w) for x in (db, q)]
+        full = [w.apply(x) for x in (db, q)]
         for label, (d, qq) in ((f"PCA-w {whiten_dim}-D", full),
                                ("PCA-w 128-D", [truncate_descriptors(x, min(128, x.shape[1])) for x in full])):
             row, ap = scores_row(b, d, qq)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _paper import (Bench, SharedBackbone, combine_scales, common_arguments, disjoint_whitening,  # noqa: E402
-                    find_datasets, scores_row, select_device, write_outputs)
+from _paper import (SharedBackbone, common_arguments, disjoint_whitening, find_datasets,  # noqa: E402
+                    held_out_ukbench, scores_row, write_outputs)
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import split_groups  # noqa: E402
+from remap_lib.extract import select_device  # noqa: E402
 from remap_lib.expansion import (alpha_query_expansion, average_query_expansion,  # noqa: E402
                                  database_side_augmentation)
 from remap_lib.klw import estimate_kl_weights  # noqa: E402
@@ -50,8 +50,7 @@ def main(argv=None) -> dict:
     train_groups = None
     for b in find_datasets(args.data_root, not args.no_demo, args.only, args.size):
         if b.name == "ukbench":
-            train_groups = split_groups(b.dataset, range(100))
-            b = Bench("ukbench-test", split_groups(b.dataset, range(100, len(set(b.dataset.groups)))), b.size, b.kind)
+            train_groups, b = held_out_ukbench(b)
         benches.append(b)
     shared = SharedBackbone(args.backbone, args.weights, args.cache, device)
     models = {
@@ -70,11 +69,7 @@ def main(argv=None) -> dict:
         notes.append("KL weights from UKBench objects 0-99; UKBench scored on objects 100-149 in every row.")
     pooled = {label: {} for label in models}
     for b in benches:
-        # the KL model's config equals REMAP (α = 1)'s (α are weights, not config): never cache it
-        got = shared.describe_many(b, {k: m for k, m in models.items() if k != "REMAP (α = KL)"}, [b.size])
-        if "REMAP (α = KL)" in models:
-            got.update(shared.describe_many(b, {"REMAP (α = KL)": models["REMAP (α = KL)"]}, [b.size], cache=False))
-        for label, (db, q) in got.items():
+        for label, (db, q) in shared.describe_many(b, models, [b.size]).items():
             pooled[label][b.name] = (db[0], q[0])
     if args.finetuned:
         for run, label in (("rmac", "R-MAC fine-tuned"), ("remap", "REMAP fine-tuned")):
@@ -98,7 +93,7 @@ def main(argv=None) -> dict:
             row = {}
             for b in benches:
                 w = disjoint_whitening({n: d for n, (d, _) in per_set.items()}, b.name, args.whiten_dim)
-                db, q = (combine_scales(x[None], (1.0,), w) for x in per_set[b.name])
+                db, q = (x if w is None else w.apply(x) for x in per_set[b.name])
                 q, db = expand(q, db)
                 r, aps = scores_row(b, db, q)
                 row.update(r)

@@ -116,7 +116,10 @@ class RetrievalModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Descriptors ``(N, D)``, rows L2-normalised, for RGB ``images`` in ``[0, 1]``."""
-        x = self.pool(images)
+        return self.from_pooled(self.pool(images))
+
+    def from_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The descriptor from a pooled vector (:meth:`pool`): whitening FC, if any, then L2."""
         if self.whiten is not None:
             if not bool(self.whitening_learned):
                 raise WhiteningNotLearnedError(

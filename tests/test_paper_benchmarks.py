@@ -84,3 +84,21 @@ def test_shared_pass_equals_describe_for_several_heads(photo_dir, random_lite0, 
     # second call: read back from the cache, identical
     again = shared.describe_many(Bench("photos", ds, 160, "folder"), {"gem": shared.model(configs["gem"])}, [160])
     np.testing.assert_array_equal(again["gem"][0], got["gem"][0])
+
+
+def test_cache_keeps_heads_with_one_config_and_different_alpha_apart(photo_dir, random_lite0, tmp_path):
+    specs = [ImageSpec(str(p)) for p in sorted(photo_dir.glob("*.png"))[:2]]
+    ds = RetrievalDataset("photos", specs, specs, {"map": [{"ok": [i], "junk": []} for i in range(2)]})
+    shared = SharedBackbone("efficientnet_lite0", "random", tmp_path, torch.device("cpu"), built=random_lite0)
+    cfg = ModelConfig(head="remap", layers=[1], levels=2, weights="random")
+    ones, weighted = shared.model(cfg), shared.model(cfg)
+    alpha = torch.linspace(0.1, 2.0, len(weighted.region_weights()[weighted.layers[0]]))
+    weighted.set_region_weights({weighted.layers[0]: alpha})
+    bench = Bench("photos", ds, 128, "folder")
+    first = shared.describe_many(bench, {"ones": ones}, [128])["ones"][0]
+    got = shared.describe_many(bench, {"ones": ones, "weighted": weighted}, [128])  # "ones" from the cache
+    np.testing.assert_array_equal(got["ones"][0], first)
+    direct, _ = describe(RetrievalModel(ModelConfig.from_dict({**cfg.to_dict(), "image_sizes": [128]}),
+                                        random_lite0), ds, None, "cpu", progress=False)
+    assert not np.allclose(got["weighted"][0][0], got["ones"][0][0])
+    np.testing.assert_allclose(got["ones"][0][0], direct, atol=1e-5)
