@@ -18,6 +18,7 @@ descriptors at several input sizes, L2-normalised (:meth:`RetrievalModel.multisc
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from typing import Sequence
 
@@ -30,7 +31,7 @@ from .config import ModelConfig
 from .pooling import GeM, MAC, RMAC, RemapStream, SPoC
 from .whitening import PCAWhitening
 
-__all__ = ["RetrievalModel", "WhiteningNotLearnedError"]
+__all__ = ["RetrievalModel", "WhiteningNotLearnedError", "weights_fingerprint"]
 
 CHECKPOINT_FORMAT = "remap-checkpoint-v1"
 
@@ -49,6 +50,29 @@ def _stream(config: ModelConfig) -> nn.Module:
     if config.head == "rmac":
         return RMAC(config.levels, config.full_map)
     return RemapStream(config.levels, None, config.full_map)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """16 hex digits of a SHA-256 over every tensor of ``module.state_dict()`` (names, dtypes, shapes, bytes).
+
+    Two models with the same config but other weights (ImageNet vs fine-tuned,
+    another whitening or other region weights α) get different fingerprints, so
+    caches, ``extraction.json`` and index files can tell them apart; the
+    config digest alone cannot.  Hashing EfficientNet-Lite0 (~19 MB) takes a
+    few tens of milliseconds; :meth:`RetrievalModel.fingerprint` caches it
+    until a tensor changes.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _state_version(module: nn.Module) -> tuple:
+    """Identity + in-place version counter of every tensor: changes whenever any weight is modified."""
+    return tuple((k, v.data_ptr(), v._version, tuple(v.shape)) for k, v in module.state_dict().items())
 
 
 class RetrievalModel(nn.Module):
@@ -88,6 +112,20 @@ class RetrievalModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def fingerprint(self) -> str:
+        """:func:`weights_fingerprint` of this model, cached until any of its tensors changes."""
+        version = _state_version(self)
+        cached = getattr(self, "_fingerprint_cache", None)
+        if cached is None or cached[0] != version:
+            cached = (version, weights_fingerprint(self))
+            object.__setattr__(self, "_fingerprint_cache", cached)
+        return cached[1]
+
+    def identity(self) -> dict:
+        """What identifies the model behind a descriptor: config, its digest and the weights fingerprint."""
+        return {"model": self.config.to_dict(), "model_digest": self.config.digest(),
+                "weights_fingerprint": self.fingerprint()}
 
     # ------------------------------------------------------------------ forward
     def feature_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
