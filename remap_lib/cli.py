@@ -29,6 +29,70 @@ from .config import HEADS, PAPER_MULTISCALE, ModelConfig
 
 log = logging.getLogger("remap")
 
+ENGINES = ("auto", "torch", "openvino")
+PRECISIONS = ("f32", "bf16")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one ``error: ...`` line (exit code 2), like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
+def worker_count(text: str) -> int:
+    """argparse type: image-decoding processes, 0 (decode in the main process) up to 4 per CPU core."""
+    value = nonnegative_int(text)
+    cores = os.cpu_count() or 1
+    if value > 4 * cores:
+        raise argparse.ArgumentTypeError(f"{value} workers for {cores} CPU cores; use at most {4 * cores}")
+    return value
+
+
+def image_size_wh(text: str) -> tuple[int, int]:
+    """argparse type: ``WIDTHxHEIGHT`` in pixels, e.g. ``512x384``."""
+    parts = text.lower().split("x")
+    try:
+        width, height = (int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT (e.g. 512x384)") from None
+    if width < 32 or height < 32:
+        raise argparse.ArgumentTypeError(f"{text}: both sides must be at least 32 pixels")
+    return width, height
+
+
+def _check_output_folder(path) -> None:
+    """An output folder may exist (to resume) but must not be a file."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"output folder {path} is an existing file; choose a folder")
+
+
+def _check_output_file(path) -> None:
+    if path and os.path.isdir(path):
+        raise IsADirectoryError(f"output file {path} is a folder; give a file name")
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -39,13 +103,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head", choices=HEADS, help="pooling head (default remap)")
     g.add_argument("--layers", nargs="+", help="paper layer numbers (1 = last conv block) or stage names")
     g.add_argument("--levels", type=int, help="region-grid scales S (4 -> 40 regions)")
-    g.add_argument("--image-size", type=int, help="longer side of the resized input (default 1024)")
+    g.add_argument("--image-size", type=positive_int, help="longer side of the resized input (default 1024)")
     g.add_argument("--multiscale", action="store_true",
                    help="paper Eq. 3: 2*X(1024) + 1.4*X(1280)")
     g.add_argument("--upscale", action="store_true", default=None,
                    help="also enlarge images smaller than --image-size (off: the standard protocol)")
     g.add_argument("--whitening", help="PCA-whitening file (.npz) from `remap whiten`")
     g.add_argument("--klw", help="KL region weights (.json) from `remap klw` for the REMAP head")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference engine")
+    g.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="auto (OpenVINO on a CPU, torch on a GPU), torch or openvino")
+    g.add_argument("--precision", choices=PRECISIONS, default="f32",
+                   help="f32 (equal to torch) or bf16 (faster on CPUs with bf16, approximate)")
 
 
 def config_from_args(args, head: str | None = None) -> ModelConfig:
@@ -66,19 +138,57 @@ def config_from_args(args, head: str | None = None) -> ModelConfig:
     return ModelConfig(**data)
 
 
-def model_from_args(args):
-    """Build the :class:`RetrievalModel` the command-line options describe."""
+def model_sources(args) -> dict:
+    """The files a model was built from (absolute paths), recorded with its descriptors and index."""
+    return {key: os.path.abspath(getattr(args, key)) for key in ("checkpoint", "klw", "whitening")
+            if getattr(args, key, None)}
+
+
+def model_from_args(args, config: ModelConfig | None = None):
+    """Build the :class:`RetrievalModel` the command-line options describe (or ``config`` + the files)."""
     from .model import RetrievalModel
     from .whitening import PCAWhitening
 
-    model = RetrievalModel.load(args.checkpoint) if args.checkpoint else RetrievalModel(config_from_args(args))
+    for key, path in model_sources(args).items():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--{key} {path}: no such file")
+    if args.checkpoint:
+        model = RetrievalModel.load(args.checkpoint)
+    else:
+        model = RetrievalModel(config if config is not None else config_from_args(args))
     if getattr(args, "klw", None):
         from .klw import KLWeights
 
         KLWeights.load(args.klw).apply(model)
-    if args.whitening:
+    if getattr(args, "whitening", None):
         model.set_whitening(PCAWhitening.load(args.whitening))
     return model
+
+
+def _input_images(args):
+    """The images of ``remap extract``: a folder, files (and folders), or ``--list FILE``; checked to exist."""
+    from .images import list_images
+
+    if args.list:
+        if not os.path.isfile(args.list):
+            raise FileNotFoundError(f"--list {args.list}: no such file")
+        with open(args.list) as f:
+            images = [line.rstrip("\n") for line in f if line.strip()]
+        if not images:
+            raise ValueError(f"--list {args.list} names no images")
+        return images
+    missing = [p for p in args.images if not os.path.lexists(p)]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} does not exist" + (f" (and {len(missing) - 1} more)"
+                                                                  if len(missing) > 1 else ""))
+    if len(args.images) == 1:
+        return args.images[0]
+    images = []
+    for p in args.images:
+        images.extend(list_images(p) if os.path.isdir(p) else [p])
+    if not images:
+        raise FileNotFoundError(f"no images in {', '.join(args.images)}")
+    return images
 
 
 def cmd_backbones(args) -> int:
@@ -90,19 +200,18 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from .extract import extract_descriptors
+    from .extract import extract_descriptors, resolve_images
 
+    _check_output_folder(args.out)
+    images = resolve_images(_input_images(args))  # errors (missing, empty) before anything is built or written
     model = model_from_args(args)
-    images = args.images[0] if len(args.images) == 1 else args.images
-    if args.list:
-        with open(args.list) as f:
-            images = [line.strip() for line in f if line.strip()]
     result = extract_descriptors(
         model, images, args.out, batch_size=args.batch_size, device=args.device,
-        num_workers=args.workers, on_error=args.on_error, progress=not args.quiet,
+        num_workers=args.workers, on_error=args.on_error, progress=not args.quiet, save_every=args.save_every,
+        engine=args.engine, precision=args.precision, sources=model_sources(args),
     )
     print(f"{len(result.paths)} descriptors of dimension {result.descriptors.shape[1]} in {args.out}"
-          + (f"; {len(result.failed)} images failed (see {args.out}/failed.tsv)" if result.failed else ""))
+          + (f"; {len(result.failed)} images failed (see {args.out}/failed.jsonl)" if result.failed else ""))
     return 1 if result.failed and args.on_error == "raise" else 0
 
 
@@ -110,6 +219,7 @@ def cmd_whiten(args) -> int:
     from .extract import load_descriptors
     from .whitening import learn_pca_whitening
 
+    _check_output_file(args.out)
     desc = load_descriptors(args.descriptors)
     if desc.config["model"].get("whitening"):
         print("error: these descriptors are already whitened; extract without --whitening", file=sys.stderr)
@@ -124,6 +234,7 @@ def cmd_whiten(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import DEMO_IMAGE_SIZE, run_demo
 
+    _check_output_folder(args.out)
     run_demo(out_dir=args.out, image_size=args.image_size or DEMO_IMAGE_SIZE, progress=not args.quiet)
     return 0
 
@@ -131,6 +242,7 @@ def cmd_demo(args) -> int:
 def cmd_notebooks(args) -> int:
     from .notebooks import run_notebooks
 
+    _check_output_folder(args.out)
     params = {}
     if args.parameters:
         import yaml
@@ -155,6 +267,7 @@ def cmd_klw(args) -> int:
     from .klw import estimate_kl_weights
     from .model import RetrievalModel
 
+    _check_output_file(args.out)
     dataset = next(iter(_parse_datasets([args.dataset], True, False).values()))
     if args.groups:
         from .datasets import parse_group_range, split_groups
@@ -162,7 +275,7 @@ def cmd_klw(args) -> int:
         dataset = split_groups(dataset, parse_group_range(args.groups))
     config = config_from_args(args, head="remap")
     model = RetrievalModel(config)
-    width, height = (int(v) for v in args.input_size.lower().split("x"))
+    width, height = args.input_size
     result = estimate_kl_weights(model, dataset, input_size=(width, height), max_matching=args.matching,
                                  nonmatching_per_matching=args.nonmatching_ratio, bins=args.bins,
                                  direction=args.direction, seed=args.seed, device=args.device,
@@ -185,12 +298,14 @@ def cmd_klw(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from dataclasses import replace
+
     from .train import TrainConfig, train
 
     cfg = TrainConfig.load(args.config)
-    for key in ("steps", "out_dir", "device"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
+    overrides = {key: getattr(args, key) for key in ("steps", "checkpoint_every", "out_dir", "device")
+                 if getattr(args, key) is not None}
+    cfg = replace(cfg, **overrides)  # checked again by TrainConfig, like the YAML values
     history = train(cfg)
     if history and int(os.environ.get("RANK", "0")) == 0:
         first, last = history[0], history[-1]
@@ -204,9 +319,14 @@ def cmd_index(args) -> int:
     from .index import RetrievalIndex
 
     if args.action == "build":
+        _check_output_file(args.index)
         desc = load_descriptors(args.descriptors)
+        if not len(desc.paths):
+            raise ValueError(f"{args.descriptors} holds no descriptors")
         dim = args.truncate or desc.descriptors.shape[1]
-        index = RetrievalIndex(dim, args.factory, desc.config["model"], args.truncate)
+        if dim > desc.descriptors.shape[1]:
+            raise ValueError(f"--truncate {dim} exceeds the descriptors' dimension {desc.descriptors.shape[1]}")
+        index = RetrievalIndex.for_descriptors(desc.config, dim, args.factory, args.truncate)
         index.nprobe = args.nprobe
         train = desc.descriptors
         if args.train_sample and len(train) > args.train_sample:
@@ -220,7 +340,7 @@ def cmd_index(args) -> int:
     index = RetrievalIndex.load(args.index)
     if args.action == "add":
         desc = load_descriptors(args.descriptors)
-        index.check_model(desc.config["model"])
+        index.check_model(desc.config["model"], desc.config.get("weights_fingerprint"), desc.config.get("precision"))
         index.add(desc.descriptors, desc.paths)
         index.save(args.index)
         print(f"added {len(desc.paths)} images; {len(index)} in {args.index}")
@@ -228,24 +348,18 @@ def cmd_index(args) -> int:
     # search
     if args.descriptors:
         desc = load_descriptors(args.descriptors)
-        index.check_model(desc.config["model"])
+        index.check_model(desc.config["model"], desc.config.get("weights_fingerprint"), desc.config.get("precision"))
         names, queries = desc.paths, desc.descriptors
     else:
         if not args.images:
-            print("error: give query images or --descriptors DIR", file=sys.stderr)
-            return 2
-        from .model import RetrievalModel
-
-        if args.checkpoint:
-            model = RetrievalModel.load(args.checkpoint)
-        else:
-            if index.model_config is None:
-                print("error: the index has no model config; pass --checkpoint", file=sys.stderr)
-                return 2
-            model = RetrievalModel(ModelConfig.from_dict(index.model_config))
-        index.check_model(model.config.to_dict())
-        res = extract_descriptors(model, args.images, on_error="raise", progress=False, num_workers=0)
+            raise ValueError("give query images or --descriptors DIR")
+        model = _index_query_model(index, args)
+        res = extract_descriptors(model, args.images[0] if len(args.images) == 1 else args.images,
+                                  on_error="raise", progress=False, num_workers=0, device=args.device,
+                                  engine=args.engine, precision=index.precision)
         names, queries = res.paths, res.descriptors
+    if not len(names):
+        raise ValueError("no queries to search")
     if args.qe:
         from .expansion import weighted_expansion
         from .index import truncate_descriptors
@@ -259,6 +373,33 @@ def cmd_index(args) -> int:
         for rank, (path, s) in enumerate(hits, 1):
             print(f"  {rank:3d}  {s:.4f}  {path}")
     return 0
+
+
+def _index_query_model(index, args):
+    """The model that made ``index``: its config and the files recorded in it (or given), verified.
+
+    ``--checkpoint/--klw/--whitening`` override the recorded files; the
+    rebuilt model must have the index's weights fingerprint, or the search is
+    refused: its rankings would be those of another model.
+    """
+    if index.model_config is None:
+        raise ValueError("the index has no model config; search it with --descriptors from `remap extract`")
+    given = {key: getattr(args, key) for key in ("checkpoint", "klw", "whitening") if getattr(args, key)}
+    recorded = {key: path for key, path in index.model_sources.items() if key not in given}
+    missing = {key: path for key, path in recorded.items() if not os.path.isfile(path)}
+    if missing:
+        raise FileNotFoundError(
+            "the index was built with " + ", ".join(f"--{k} {p}" for k, p in missing.items())
+            + ", which no longer exist" + ("s" if len(missing) == 1 else "")
+            + "; pass the files with the same options, or search with --descriptors")
+    for key, path in recorded.items():
+        setattr(args, key, path)
+    config = ModelConfig.from_dict(index.model_config)
+    if "whitening" in recorded or "whitening" in given or "checkpoint" in recorded or "checkpoint" in given:
+        config.whitening, config.dim = False, None  # the whitening comes from its file / the checkpoint
+    model = model_from_args(args, config)
+    index.check_model(model.config.to_dict(), model.fingerprint())
+    return model
 
 
 def cmd_download(args) -> int:
@@ -280,6 +421,8 @@ def _parse_datasets(specs: list[str], crop: bool, allow_missing: bool) -> dict:
     datasets = {}
     for spec in specs:
         name, _, path = spec.rpartition("=")
+        if not path.strip():
+            raise ValueError(f"-d {spec!r}: no path given (use NAME=PATH or PATH)")
         ds = load_dataset(path, crop_queries=crop, allow_missing=allow_missing)
         datasets[name or ds.name] = ds
     return datasets
@@ -288,6 +431,7 @@ def _parse_datasets(specs: list[str], crop: bool, allow_missing: bool) -> dict:
 def cmd_evaluate(args) -> int:
     from .evaluate import COLOUR_HISTOGRAM, evaluate, format_table
 
+    _check_output_folder(args.out)
     datasets = _parse_datasets(args.dataset, not args.no_crop, args.allow_missing)
     for ds in datasets.values():
         print(ds.summary())
@@ -304,6 +448,7 @@ def cmd_evaluate(args) -> int:
             print(f"error: unknown method {m!r}; choose from {', '.join(HEADS)}, colour", file=sys.stderr)
             return 2
     results = evaluate(methods, datasets, args.out, cache_dir=args.cache, device=args.device,
+                       engine=args.engine, precision=args.precision,
                        progress=not args.quiet)
     print()
     print(format_table(results))
@@ -313,7 +458,7 @@ def cmd_evaluate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="remap", description="REMAP image retrieval toolkit")
+    parser = _Parser(prog="remap", description="REMAP image retrieval toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -324,11 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", help="image files or one folder")
     p.add_argument("--list", help="text file with one image path per line")
     p.add_argument("-o", "--out", required=True, help="output folder (resumable)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=None, help="image-decoding processes")
+    p.add_argument("--workers", type=worker_count, default=None,
+                   help="image-decoding processes (0: in the main process; at most 4 per core)")
     p.add_argument("--on-error", choices=("skip", "raise"), default="skip",
-                   help="skip bad images (listed in failed.tsv) or stop at the first")
+                   help="skip bad images (listed in failed.jsonl) or stop at the first")
+    p.add_argument("--save-every", type=positive_int, default=64,
+                   help="write finished descriptors to disk every this many images (what a kill can lose)")
+    _add_engine_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
     p.set_defaults(func=cmd_extract)
@@ -336,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("whiten", help="learn PCA-whitening from extracted descriptors")
     p.add_argument("descriptors", help="folder written by `remap extract`")
     p.add_argument("-o", "--out", required=True, help="output .npz")
-    p.add_argument("--dim", type=int, default=None, help="output dimension (default: all the data supports)")
+    p.add_argument("--dim", type=positive_int, default=None, help="output dimension (default: all the data supports)")
     p.set_defaults(func=cmd_whiten)
 
     p = sub.add_parser("evaluate", help="methods x datasets -> table")
@@ -353,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_model_args(p)
+    _add_engine_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("klw", help="KL-divergence region weights (paper Sec. III-B) from a dataset with groups")
@@ -360,10 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "groups, Holidays) or 'demo'")
     p.add_argument("--groups", default=None, help="only groups LO-HI (e.g. 0-99: UKBench training objects)")
     p.add_argument("-o", "--out", required=True, help="output JSON (weights, config, settings)")
-    p.add_argument("--input-size", default="512x384", help="WxH every image is resized to (4:3; paper 1024x768)")
-    p.add_argument("--matching", type=int, default=2000, help="at most this many matching pairs")
-    p.add_argument("--nonmatching-ratio", type=int, default=5, help="non-matching pairs per matching pair")
-    p.add_argument("--bins", type=int, default=30)
+    p.add_argument("--input-size", type=image_size_wh, default=(512, 384),
+                   help="WxH every image is resized to (4:3; paper 1024x768)")
+    p.add_argument("--matching", type=positive_int, default=2000, help="at most this many matching pairs")
+    p.add_argument("--nonmatching-ratio", type=positive_int, default=5, help="non-matching pairs per matching pair")
+    p.add_argument("--bins", type=positive_int, default=30)
     p.add_argument("--direction", choices=("match_nonmatch", "nonmatch_match", "symmetric"),
                    default="match_nonmatch", help="KL(match||non-match) (default), the reverse, or their sum")
     p.add_argument("--seed", type=int, default=0)
@@ -376,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune end to end with a triplet loss (resumes from out_dir)")
     p.add_argument("--config", required=True, help="training config YAML (see configs/)")
     p.add_argument("--steps", type=int, default=None, help="override: parameter updates")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="override: write the checkpoint every N updates (and after the last)")
     p.add_argument("--out-dir", default=None, help="override: output folder")
     p.add_argument("--device", default=None, help="override: auto, cpu, cuda")
     p.set_defaults(func=cmd_train)
@@ -386,9 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("descriptors")
     q.add_argument("-o", "--index", required=True, help="index file to write")
     q.add_argument("--factory", default="Flat", help='faiss factory string: "Flat", "PQ16", "IVF1024,PQ16", ...')
-    q.add_argument("--truncate", type=int, default=None, help="keep the first D dimensions (e.g. 128)")
-    q.add_argument("--train-sample", type=int, default=200_000, help="vectors used to train the quantisers")
-    q.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query (stored as default)")
+    q.add_argument("--truncate", type=positive_int, default=None, help="keep the first D dimensions (e.g. 128)")
+    q.add_argument("--train-sample", type=positive_int, default=200_000, help="vectors used to train the quantisers")
+    q.add_argument("--nprobe", type=positive_int, default=16, help="IVF lists visited per query (stored as default)")
     q = isub.add_parser("add", help="add the descriptors of another extraction folder")
     q.add_argument("index")
     q.add_argument("descriptors")
@@ -396,11 +549,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("index")
     q.add_argument("images", nargs="*", help="query images (described with the index's model)")
     q.add_argument("--descriptors", help="or: a folder of query descriptors from `remap extract`")
-    q.add_argument("--checkpoint", help="the fine-tuned model the index was built with")
-    q.add_argument("-k", type=int, default=10)
-    q.add_argument("--nprobe", type=int, default=None)
-    q.add_argument("--qe", type=int, default=0, help="alpha query expansion with the top-N (0: off)")
+    q.add_argument("--checkpoint", help="the fine-tuned model the index was built with "
+                   "(default: the one recorded in the index)")
+    q.add_argument("--klw", help="KL region weights the index was built with (default: recorded in the index)")
+    q.add_argument("--whitening", help="whitening the index was built with (default: recorded in the index)")
+    q.add_argument("-k", type=positive_int, default=10, help="results per query")
+    q.add_argument("--nprobe", type=positive_int, default=None)
+    q.add_argument("--qe", type=nonnegative_int, default=0, help="alpha query expansion with the top-N (0: off)")
     q.add_argument("--qe-alpha", type=float, default=3.0)
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    _add_engine_args(q)
     for q in isub.choices.values():
         q.set_defaults(func=cmd_index)
 
@@ -423,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_notebooks)
 
     p = sub.add_parser("demo", help="the demo benchmark: five methods, table and picture")
-    p.add_argument("--image-size", type=int, default=None, help="longer side (default 640)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="longer side (default 640)")
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/demo-<time>)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
@@ -439,9 +597,14 @@ def main(argv=None) -> int:
         parser.error("extract needs image paths, a folder, or --list FILE")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message holds
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished work is on disk, run the same command again to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

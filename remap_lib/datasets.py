@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 import pickle
 import re
@@ -189,6 +190,20 @@ def _subset(dataset_name: str, images: list[Path | None], names: list[str], quer
 # --------------------------------------------------------------------------- readers
 
 
+def _check_box(bbx, where: str) -> None:
+    """A query box must be 4 finite numbers ``x0, y0, x1, y1`` with ``x0 < x1`` and ``y0 < y1``."""
+    try:
+        values = [float(v) for v in bbx]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: bbx {bbx!r} is not a list of numbers") from None
+    if len(values) != 4:
+        raise ValueError(f"{where}: bbx has {len(values)} values {values}; need 4 (x0, y0, x1, y1)")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{where}: bbx {values} is not finite")
+    if not (values[0] < values[2] and values[1] < values[3]):
+        raise ValueError(f"{where}: bbx {values} is empty (need x0 < x1 and y0 < y1)")
+
+
 def load_revisited(root: str | os.PathLike, name: str | None = None, *, crop_queries: bool = True,
                    allow_missing: bool = False) -> RetrievalDataset:
     """Revisited Oxford / Paris (Radenović et al. 2018): ``root/jpg/`` and ``root/gnd_<name>.pkl``.
@@ -210,9 +225,12 @@ def load_revisited(root: str | os.PathLike, name: str | None = None, *, crop_que
         raise ValueError(f"{pkl}: expected a dict with 'imlist', 'qimlist' and 'gnd' (revisitop format)")
     if len(cfg["gnd"]) != len(cfg["qimlist"]):
         raise ValueError(f"{pkl}: {len(cfg['qimlist'])} queries but {len(cfg['gnd'])} gnd entries")
+    if not cfg["qimlist"]:
+        raise ValueError(f"{pkl}: the query list is empty: nothing to evaluate")
     for i, g in enumerate(cfg["gnd"]):
         if not isinstance(g, dict) or not {"easy", "hard", "junk", "bbx"} <= set(g):
             raise ValueError(f"{pkl}: gnd[{i}] must have 'easy', 'hard', 'junk' and 'bbx'")
+        _check_box(g["bbx"], f"{pkl}: query {i} ({cfg['qimlist'][i]})")
     jpg = root / "jpg"
     images = [_find_image(jpg, n) for n in cfg["imlist"]]
     queries = [_find_image(jpg, n) for n in cfg["qimlist"]]

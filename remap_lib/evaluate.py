@@ -56,23 +56,28 @@ def colour_histograms(specs: list[ImageSpec], bins: int = 8, size: int = 256,
 
 
 def describe(method, dataset: RetrievalDataset, cache_dir: str | os.PathLike | None = None,
-             device: str = "auto", progress: bool = True, backbone=None) -> tuple[np.ndarray, np.ndarray]:
+             device: str = "auto", progress: bool = True, backbone=None, engine: str = "auto",
+             precision: str = "f32") -> tuple[np.ndarray, np.ndarray]:
     """``(database descriptors, query descriptors)`` of ``dataset`` under ``method``.
 
     A benchmark image that cannot be read is an error here (evaluation needs
-    every image the ground truth names); the message names the file.
+    every image the ground truth names); the message names the file.  The
+    cache folder is keyed by the config digest *and* the weights fingerprint
+    (and the precision), so a fine-tuned model never reuses its ImageNet twin's
+    descriptors.
     """
     if method == COLOUR_HISTOGRAM:
         db = colour_histograms(dataset.images, progress=progress)
         q = db if dataset.query_is_database else colour_histograms(dataset.queries, progress=progress)
         return db, q
     model = method if isinstance(method, RetrievalModel) else RetrievalModel(method, backbone)
-    digest = model.config.digest()
+    key = f"{model.config.digest()}-{model.fingerprint()}" + ("" if precision == "f32" else f"-{precision}")
 
     def run(specs, part):
-        out = None if cache_dir is None else Path(cache_dir) / dataset.name / digest / part
+        out = None if cache_dir is None else Path(cache_dir) / dataset.name / key / part
         return extract_descriptors(model, specs, out, device=device, on_error="raise", progress=progress,
-                                   num_workers=0 if len(specs) < 64 else None).descriptors
+                                   num_workers=0 if len(specs) < 64 else None, engine=engine,
+                                   precision=precision).descriptors
 
     db = run(dataset.images, "database")
     q = db if dataset.query_is_database else run(dataset.queries, "queries")
@@ -81,6 +86,8 @@ def describe(method, dataset: RetrievalDataset, cache_dir: str | os.PathLike | N
 
 def score(dataset: RetrievalDataset, db: np.ndarray, q: np.ndarray) -> dict[str, dict]:
     """Every protocol of ``dataset``: ``{protocol: {"map", "aps", "mp@k"[, "score"]}}``."""
+    if not len(dataset.queries):
+        raise ValueError(f"{dataset.name} has no queries: nothing to evaluate")
     if len(db) != len(dataset.images) or len(q) != len(dataset.queries):
         raise ValueError(f"{dataset.name}: descriptors do not match the dataset's images and queries")
     ranks = rank_database(q, db)
@@ -120,7 +127,8 @@ class MethodResult:
 
 def evaluate(methods: Mapping[str, object], datasets: Mapping[str, RetrievalDataset],
              out_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-             device: str = "auto", progress: bool = True) -> list[MethodResult]:
+             device: str = "auto", progress: bool = True, engine: str = "auto",
+             precision: str = "f32") -> list[MethodResult]:
     """Score every method on every dataset; write ``results.csv``/``results.json`` to ``out_dir``.
 
     ``methods`` maps a display name to a :class:`ModelConfig`, a
@@ -140,7 +148,9 @@ def evaluate(methods: Mapping[str, object], datasets: Mapping[str, RetrievalData
 
                     backbones[key] = build_backbone(*key)
                 backbone = backbones[key]
-            db, q = describe(method, dataset, cache_dir, device, progress, backbone)
+            if not len(dataset.queries):
+                raise ValueError(f"{ds_name} has no queries: nothing to evaluate")
+            db, q = describe(method, dataset, cache_dir, device, progress, backbone, engine, precision)
             scores = score(dataset, db, q)
             config = (method.to_dict() if isinstance(method, ModelConfig)
                       else method.config.to_dict() if isinstance(method, RetrievalModel) else None)

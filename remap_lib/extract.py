@@ -3,28 +3,42 @@
 :func:`extract_descriptors` decodes images in loader workers, resizes them
 keeping the aspect ratio (longer side ``config.image_sizes``, 1024 by default;
 smaller images are not enlarged unless ``config.upscale``),
-batches consecutive images of equal size, runs the model on CPU or GPU and,
-when given an output folder, writes the result as it goes:
+batches consecutive images of equal size, runs the model on CPU or GPU (through
+the inference engine of :mod:`remap_lib.engine`: OpenVINO on a CPU by default)
+and, when given an output folder, writes the result as it goes:
 
 ``out/``
-    ``extraction.json``   model config (+ digest) and extraction settings
-    ``parts/part-NNNNNN.npz``  finished descriptors, flushed every ``save_every`` images
-    ``failed.tsv``        images that could not be used, with the reason
-    ``descriptors.npy``, ``paths.txt``, ``manifest.json``  the assembled result
+    ``extraction.json``   model config, digest and weights fingerprint, extraction settings
+    ``parts/part-FIRST-LAST.npz``  finished descriptors, flushed every ``save_every`` images;
+                          named by the positions (in the input list) of the first and
+                          last image they hold
+    ``failed.jsonl``      images that could not be used, with the reason (JSON lines)
+    ``descriptors.npy``, ``paths.jsonl``  the assembled result (one JSON string a line,
+                          so any file name survives, newlines and tabs included)
+    ``manifest.json``     counts and SHA-256 of the two files above, written last:
+                          :func:`load_descriptors` refuses a pair that disagrees with it
+    ``.lock``             held while a run writes (a second run is refused)
 
 Running the same command again resumes: images already in ``parts/`` are not
-recomputed, and a folder made by a different model config is refused.  With
-``on_error="skip"`` (default) bad images are logged, listed in ``failed.tsv``
-and left out (``paths.txt`` says which rows are which image); with
-``on_error="raise"`` the first bad image stops the run — after the finished
-parts are on disk, so nothing is lost either way.
+recomputed (deleting a damaged part recomputes exactly its images), and a
+folder made by another model (config, weights, region weights or whitening:
+anything that changes the fingerprint) is refused.  With ``on_error="skip"``
+(default) bad images are logged, listed in ``failed.jsonl`` and left out
+(``paths.jsonl`` says which rows are which image); with ``on_error="raise"`` the
+first bad image stops the run — after the finished parts are on disk, so
+nothing is lost either way.  A run killed at any moment leaves either the
+previous complete result or none, never a mixed pair.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -34,15 +48,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .images import (DEFAULT_MAX_PIXELS, ImageLoadError, ImageSpec, list_images, load_spec, resize_longer_side,
-                     to_tensor)
+from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, ImageSpec, list_images, load_spec,
+                     resize_longer_side, to_tensor)
 from .model import RetrievalModel
 from .whitening import PCAWhitening, learn_pca_whitening
 
-__all__ = ["Descriptors", "extract_descriptors", "learn_whitening", "load_descriptors", "resolve_images"]
+__all__ = ["Descriptors", "ExtractionLockedError", "extract_descriptors", "learn_whitening", "load_descriptors",
+           "resolve_images"]
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("skip", "raise")
+FORMAT = "remap-extraction-v2"
+
+
+class ExtractionLockedError(RuntimeError):
+    """Another run is writing into the same output folder."""
 
 
 @dataclass
@@ -60,9 +80,21 @@ class Descriptors:
 
 
 def resolve_images(images) -> list[ImageSpec]:
-    """A folder, a path, a list of paths / :class:`ImageSpec`, or a dataset (its ``images``) → specs."""
+    """A folder, a path, a list of paths / :class:`ImageSpec`, or a dataset (its ``images``) → specs.
+
+    A folder or file that does not exist, and a folder with no images, are
+    errors (``FileNotFoundError``), not an empty result.
+    """
     if isinstance(images, (str, os.PathLike)):
-        paths = list_images(images) if os.path.isdir(images) else [os.fspath(images)]
+        if os.path.isdir(images):
+            paths = list_images(images)
+            if not paths:
+                raise FileNotFoundError(
+                    f"no images in folder {os.fspath(images)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        elif os.path.lexists(images):
+            paths = [os.fspath(images)]
+        else:
+            raise FileNotFoundError(f"{os.fspath(images)} does not exist")
         return [ImageSpec(p) for p in paths]
     if hasattr(images, "images") and not callable(images.images):
         images = images.images
@@ -127,18 +159,49 @@ def _batches(loader: Iterable, batch_size: int):
         yield batch
 
 
+# ---------------------------------------------------------------------- files
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary name and ``os.replace`` (never half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonl(items) -> bytes:
+    return "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items).encode()
+
+
+def _read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class _PartWriter:
-    """Appends finished descriptors to ``out/parts`` in atomically written npz files."""
+    """Appends finished descriptors to ``out/parts`` in atomically written npz files.
+
+    A part is named by the input positions of the first and last image it
+    holds (``part-000000064-000000127.npz``), so parts of reruns never collide
+    with the ones that survive, whatever was deleted.
+    """
 
     def __init__(self, out_dir: Path, save_every: int):
         self.dir = out_dir / "parts"
         self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(".part-*"):  # temporaries of a killed run (we hold the lock)
+            stale.unlink()
         self.save_every = save_every
+        self.positions: list[int] = []
         self.paths: list[str] = []
         self.rows: list[np.ndarray] = []
-        self.next_index = len(list(self.dir.glob("part-*.npz")))
 
-    def add(self, path: str, row: np.ndarray):
+    def add(self, position: int, path: str, row: np.ndarray):
+        self.positions.append(position)
         self.paths.append(path)
         self.rows.append(row)
         if len(self.paths) >= self.save_every:
@@ -147,12 +210,14 @@ class _PartWriter:
     def flush(self):
         if not self.paths:
             return
-        target = self.dir / f"part-{self.next_index:06d}.npz"
-        tmp = self.dir / f".part-{self.next_index:06d}.tmp.npz"
+        stem = f"part-{self.positions[0]:09d}-{self.positions[-1]:09d}"
+        target, k = self.dir / f"{stem}.npz", 1
+        while target.exists():  # only if the input list changed order between runs
+            target, k = self.dir / f"{stem}-{k}.npz", k + 1
+        tmp = self.dir / f".{target.stem}.tmp.npz"
         np.savez(tmp, paths=np.array(self.paths, dtype=str), descriptors=np.stack(self.rows))
         os.replace(tmp, target)
-        self.next_index += 1
-        self.paths, self.rows = [], []
+        self.positions, self.paths, self.rows = [], [], []
 
 
 def _read_parts(out_dir: Path) -> dict[str, np.ndarray]:
@@ -167,25 +232,73 @@ def _read_parts(out_dir: Path) -> dict[str, np.ndarray]:
     return done
 
 
-def _settings(model: RetrievalModel, max_pixels: int) -> dict:
-    return {"model": model.config.to_dict(), "model_digest": model.config.digest(),
-            "max_pixels": max_pixels}
+@contextlib.contextmanager
+def _output_lock(out_dir: Path):
+    """Hold ``out/.lock`` while writing; a second writer is refused, naming the holder.
+
+    ``filelock`` uses ``flock``, which the kernel releases when the holder dies,
+    so a killed run never leaves the folder locked.
+    """
+    from filelock import FileLock, Timeout
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out_dir / ".lock"), timeout=0)
+    holder_file = out_dir / ".lock-holder.json"
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = json.loads(holder_file.read_text())
+            who = f"process {holder['pid']} on {holder['host']}, started {holder['started']}"
+        except (OSError, ValueError, KeyError):
+            who = "another process"
+        raise ExtractionLockedError(
+            f"{out_dir} is being written by {who}; wait for it to finish or use another output folder"
+        ) from None
+    try:
+        _atomic_write(holder_file, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                               "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        yield
+    finally:
+        holder_file.unlink(missing_ok=True)
+        lock.release()
+
+
+def _settings(model: RetrievalModel, max_pixels: int, precision: str) -> dict:
+    return {"format": FORMAT, **model.identity(), "precision": precision, "max_pixels": max_pixels}
+
+
+# What must agree for two runs' descriptors to be rows of one matrix.
+_IDENTITY_KEYS = ("model_digest", "weights_fingerprint", "precision")
 
 
 def _check_or_write_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / "extraction.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old.get("model_digest") != settings["model_digest"]:
+        if old.get("format") != FORMAT:
+            raise RuntimeError(f"{out_dir} was written by an older remap (no weights fingerprint); "
+                               "use another output folder")
+        diff = {k: (old.get(k), settings[k]) for k in _IDENTITY_KEYS if old.get(k) != settings[k]}
+        if diff:
             raise RuntimeError(
-                f"{out_dir} holds descriptors of a different model (config digest "
-                f"{old.get('model_digest')} vs {settings['model_digest']}); use another output folder"
+                f"{out_dir} holds descriptors of a different model ("
+                + ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in diff.items())
+                + "); use another output folder"
             )
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, path)
+    _atomic_write(path, json.dumps(settings, indent=2).encode())
+
+
+# ---------------------------------------------------------------------- extraction
+def _describer(model: RetrievalModel, engine: str, precision: str, device: torch.device):
+    """``images_per_scale -> (N, D)`` for ``model`` on ``engine``, and the precision that actually runs."""
+    if engine == "torch" and precision == "f32":
+        return model.multiscale, "f32"
+    from .engine import create_engine
+
+    eng = create_engine(model, engine=engine, precision=precision, device=device)
+    return eng.describe, eng.precision
 
 
 @torch.no_grad()
@@ -201,6 +314,9 @@ def extract_descriptors(
     save_every: int = 64,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    engine: str = "auto",
+    precision: str = "f32",
+    sources: dict | None = None,
 ) -> Descriptors:
     """Describe every image with ``model``.
 
@@ -215,30 +331,55 @@ def extract_descriptors(
         save_every: flush finished descriptors to disk every this many images.
         max_pixels: refuse images with more pixels (decompression-bomb guard).
         progress: show a progress bar.
+        engine: ``"auto"`` (OpenVINO on a CPU, torch on a GPU), ``"torch"`` or
+            ``"openvino"`` (:mod:`remap_lib.engine`).
+        precision: ``"f32"`` (equal to the torch path) or ``"bf16"`` (faster, approximate).
+        sources: the files the model was built from (``{"checkpoint"|"klw"|"whitening": path}``),
+            recorded in ``extraction.json`` so that an index built from it can rebuild the query model.
 
     Returns:
         :class:`Descriptors` in input order, bad images left out.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if save_every < 1:
+        raise ValueError(f"save_every must be at least 1, got {save_every}")
     specs = resolve_images(images)
     paths = [spec.key for spec in specs]
     if len(set(paths)) != len(paths):
         raise ValueError("the image list contains duplicates")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise FileExistsError(f"output folder {out_dir} is an existing file; choose a folder")
     device = select_device(device)
     model = model.to(device).eval()
-    settings = _settings(model, max_pixels)
+    describe, precision = _describer(model, engine, precision, device)
+    settings = _settings(model, max_pixels, precision)
+    settings["sources"] = dict(sources or {})
+    if out_dir is None:
+        return _extract(model, describe, specs, None, settings, batch_size, device, num_workers, on_error,
+                        save_every, max_pixels, progress)
+    out_path = Path(out_dir)
+    with _output_lock(out_path):
+        return _extract(model, describe, specs, out_path, settings, batch_size, device, num_workers, on_error,
+                        save_every, max_pixels, progress)
 
+
+def _extract(model, describe, specs, out_dir: Path | None, settings, batch_size, device, num_workers, on_error,
+             save_every, max_pixels, progress) -> Descriptors:
+    paths = [spec.key for spec in specs]
     done: dict[str, np.ndarray] = {}
     writer = None
     if out_dir is not None:
-        out_path = Path(out_dir)
-        _check_or_write_settings(out_path, settings)
-        done = _read_parts(out_path)
-        writer = _PartWriter(out_path, save_every)
+        _check_or_write_settings(out_dir, settings)
+        done = _read_parts(out_dir)
+        writer = _PartWriter(out_dir, save_every)
         if done:
-            log.info("resuming: %d of %d images already extracted in %s", len(done), len(paths), out_dir)
-    todo_specs = [spec for spec in specs if spec.key not in done]
+            log.info("resuming: %d of %d images already extracted in %s",
+                     sum(p in done for p in paths), len(paths), out_dir)
+    todo_positions = [k for k, spec in enumerate(specs) if spec.key not in done]
+    todo_specs = [specs[k] for k in todo_positions]
     todo = [spec.key for spec in todo_specs]
 
     if num_workers is None:
@@ -247,8 +388,9 @@ def extract_descriptors(
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers if todo else 0,
                         pin_memory=device.type == "cuda")
     failed: list[tuple[str, str]] = []
+    complete = False
     try:
-        with tqdm(total=len(paths), initial=len(done), desc="extract", unit="img",
+        with tqdm(total=len(paths), initial=len(paths) - len(todo), desc="extract", unit="img",
                   disable=not progress) as bar:
             for batch in _batches(loader, batch_size):
                 if isinstance(batch[0][1], str):
@@ -261,7 +403,7 @@ def extract_descriptors(
                     continue
                 scales = [torch.stack([item[s] for _, item in batch]).to(device, non_blocking=True)
                           for s in range(len(model.config.image_sizes))]
-                desc = model.multiscale(scales).float().cpu().numpy()
+                desc = describe(scales).float().cpu().numpy()
                 for (i, _), row in zip(batch, desc):
                     if not np.isfinite(row).all():
                         reason = "descriptor is not finite (NaN/Inf): check the model weights"
@@ -272,48 +414,77 @@ def extract_descriptors(
                         continue
                     done[todo[i]] = row
                     if writer is not None:
-                        writer.add(todo[i], row)
+                        writer.add(todo_positions[i], todo[i], row)
                 bar.update(len(batch))
+        complete = True
     finally:
         if writer is not None:
             writer.flush()
-            if failed:
-                with open(Path(out_dir) / "failed.tsv", "w") as f:
-                    f.writelines(f"{p}\t{r}\n" for p, r in failed)
+            if complete or failed:  # this run's failures replace the previous run's list
+                failed_file = out_dir / "failed.jsonl"
+                if failed:
+                    _atomic_write(failed_file, _jsonl({"path": p, "reason": r} for p, r in failed))
+                elif complete:
+                    failed_file.unlink(missing_ok=True)
 
     kept = [p for p in paths if p in done]
     dim = model.output_dim
     matrix = np.stack([done[p] for p in kept]).astype(np.float32) if kept else np.zeros((0, dim), np.float32)
     result = Descriptors(kept, matrix, failed, settings)
     if out_dir is not None:
-        _write_result(Path(out_dir), result)
+        _write_result(out_dir, result)
     if failed:
-        log.warning("%d of %d images could not be described (see failed.tsv)", len(failed), len(paths))
+        log.warning("%d of %d images could not be described (see failed.jsonl)", len(failed), len(paths))
     return result
 
 
 def _write_result(out_dir: Path, result: Descriptors) -> None:
+    """``descriptors.npy`` + ``paths.jsonl``, then ``manifest.json`` with their hashes.
+
+    The manifest goes first (removed) and last (written): a kill in between
+    leaves no manifest, and :func:`load_descriptors` then asks for a rerun
+    instead of reading a pair that may disagree.
+    """
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    for old in ("paths.txt", "failed.tsv"):  # the previous format's files
+        (out_dir / old).unlink(missing_ok=True)
+    matrix = np.ascontiguousarray(result.descriptors, dtype=np.float32)
     tmp = out_dir / ".descriptors.tmp.npy"
-    np.save(tmp, result.descriptors)
+    np.save(tmp, matrix)
     os.replace(tmp, out_dir / "descriptors.npy")
-    (out_dir / "paths.txt").write_text("".join(p + "\n" for p in result.paths))
-    manifest = {"count": len(result.paths), "dim": int(result.descriptors.shape[1]),
-                "failed": len(result.failed), "model_digest": result.config["model_digest"]}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    paths_blob = _jsonl(result.paths)
+    _atomic_write(out_dir / "paths.jsonl", paths_blob)
+    manifest = {"format": FORMAT, "count": len(result.paths), "dim": int(matrix.shape[1]),
+                "failed": len(result.failed), "model_digest": result.config["model_digest"],
+                "weights_fingerprint": result.config["weights_fingerprint"],
+                "descriptors_sha256": _sha256(matrix.tobytes()), "paths_sha256": _sha256(paths_blob)}
+    _atomic_write(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
 
 
 def load_descriptors(out_dir: str | os.PathLike) -> Descriptors:
-    """Read what :func:`extract_descriptors` wrote to ``out_dir``."""
+    """Read what :func:`extract_descriptors` wrote to ``out_dir``, checked against its manifest."""
     out_dir = Path(out_dir)
-    if not (out_dir / "descriptors.npy").exists():
-        raise FileNotFoundError(f"{out_dir} has no descriptors.npy; run (or finish) `remap extract` first")
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir} is not a folder written by `remap extract`")
+    manifest_file = out_dir / "manifest.json"
+    if not manifest_file.exists():
+        raise FileNotFoundError(f"{out_dir} has no complete result (manifest.json missing); run (or rerun, "
+                                "to finish) `remap extract` into it")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{out_dir} was written by an older remap; extract again into a new folder")
     descriptors = np.load(out_dir / "descriptors.npy", allow_pickle=False)
-    paths = (out_dir / "paths.txt").read_text().splitlines()
-    if len(paths) != len(descriptors):
+    paths_blob = (out_dir / "paths.jsonl").read_bytes()
+    if (_sha256(np.ascontiguousarray(descriptors).tobytes()) != manifest["descriptors_sha256"]
+            or _sha256(paths_blob) != manifest["paths_sha256"]):
+        raise ValueError(f"{out_dir}: descriptors.npy / paths.jsonl do not match manifest.json (an interrupted "
+                         "or concurrent write); rerun the same `remap extract` command to rebuild them")
+    paths = _read_jsonl(out_dir / "paths.jsonl")
+    if len(paths) != len(descriptors) or len(paths) != manifest["count"]:
         raise ValueError(f"{out_dir}: {len(paths)} paths but {len(descriptors)} descriptors")
     failed = []
-    if (out_dir / "failed.tsv").exists():
-        failed = [tuple(line.split("\t", 1)) for line in (out_dir / "failed.tsv").read_text().splitlines()]
+    if (out_dir / "failed.jsonl").exists():
+        failed = [(f["path"], f["reason"]) for f in _read_jsonl(out_dir / "failed.jsonl")]
     config = json.loads((out_dir / "extraction.json").read_text())
     return Descriptors(paths, descriptors, failed, config)
 

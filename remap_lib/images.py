@@ -83,11 +83,17 @@ class ImageSpec:
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
-    """Image files under ``folder`` (recursively), sorted, by extension."""
+    """Image files under ``folder`` (recursively), sorted, by extension.
+
+    Broken symbolic links with an image extension are listed too, so that the
+    extraction reports them as failed (with their target) instead of silently
+    describing fewer images than the folder shows.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(str(p) for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def _to_rgb(img: Image.Image, path) -> Image.Image:
@@ -120,6 +126,8 @@ def _to_rgb(img: Image.Image, path) -> Image.Image:
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open ``path`` as an upright 8-bit RGB image, or raise :class:`ImageLoadError`."""
     if not os.path.isfile(path):
+        if os.path.islink(path):
+            raise ImageLoadError(path, f"broken symbolic link (to {os.readlink(path)})")
         raise ImageLoadError(path, "file not found")
     try:
         with Image.open(path) as img:

@@ -12,8 +12,11 @@ Compact codes (paper §III-E): :func:`truncate_descriptors` keeps the first
 PCA-whitening the leading dimensions carry the most variance) and
 re-normalises; PQ compresses further.
 
-An index file holds, besides the faiss index, the image paths (id ↔ path) and
-the model config with its digest, the dimension and the count; it is written
+An index file holds, besides the faiss index, the image paths (id ↔ path),
+the model config with its digest, the model's weights fingerprint (which
+checkpoint, region weights and whitening), the files the model was built from
+(``--checkpoint/--klw/--whitening``, so that ``remap index search photo.jpg``
+can rebuild exactly that model and verify it), the dimension and the count; it is written
 atomically with a SHA-256 of its contents, so a truncated or corrupt file is
 refused before faiss reads it, and a query model that does not match the
 index's is refused with a clear message.  ``faiss-gpu`` is used for search when
@@ -37,7 +40,7 @@ __all__ = ["IndexFileError", "ModelMismatchError", "RetrievalIndex", "synthetic_
 log = logging.getLogger(__name__)
 
 MAGIC = b"REMAPIDX"
-VERSION = 1
+VERSION = 2  # 2: weights fingerprint, model sources and precision in the header
 
 
 class IndexFileError(ValueError):
@@ -76,14 +79,34 @@ class RetrievalIndex:
     """
 
     def __init__(self, dim: int, factory: str = "Flat", model_config: dict | None = None,
-                 truncate: int | None = None, _index=None):
+                 truncate: int | None = None, _index=None, *, weights_fingerprint: str | None = None,
+                 model_sources: dict | None = None, precision: str = "f32"):
         faiss = _faiss()
+        if int(dim) < 1:
+            raise ValueError(f"index dimension must be at least 1, got {dim}")
+        if truncate is not None and int(truncate) < 1:
+            raise ValueError(f"truncate must be at least 1, got {truncate}")
         self.dim, self.factory, self.truncate = int(dim), factory, truncate
         self.model_config = model_config
-        self.index = _index if _index is not None else faiss.index_factory(self.dim, factory,
-                                                                           faiss.METRIC_INNER_PRODUCT)
+        self.weights_fingerprint = weights_fingerprint
+        self.model_sources = dict(model_sources or {})
+        self.precision = precision
+        try:
+            self.index = _index if _index is not None else faiss.index_factory(self.dim, factory,
+                                                                               faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise ValueError(f"faiss cannot build {factory!r} for {self.dim}-d vectors: "
+                             f"{str(exc).strip().splitlines()[-1]}") from None
         self.paths: list[str] = []
         self.nprobe = 1
+
+    @classmethod
+    def for_descriptors(cls, extraction: dict, dim: int, factory: str = "Flat", truncate: int | None = None):
+        """An empty index for descriptors whose ``extraction.json`` settings are ``extraction``
+        (see :func:`remap_lib.extract.load_descriptors`): it records the whole model identity."""
+        return cls(dim, factory, extraction["model"], truncate,
+                   weights_fingerprint=extraction.get("weights_fingerprint"),
+                   model_sources=extraction.get("sources"), precision=extraction.get("precision", "f32"))
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -105,8 +128,16 @@ class RetrievalIndex:
             index = faiss.downcast_index(index.index)
         return float(index.code_size)
 
-    def check_model(self, model_config: dict | None) -> None:
-        """Refuse queries from a model other than the index's (by config digest)."""
+    def check_model(self, model_config: dict | None, weights_fingerprint: str | None = None,
+                    precision: str | None = None) -> None:
+        """Refuse queries from a model other than the index's.
+
+        The config digest says which architecture; the weights fingerprint
+        (:meth:`RetrievalModel.fingerprint`) says which weights, region weights α
+        and whitening: an ImageNet model and its fine-tuned twin share a config
+        but not a fingerprint.  A query given without a fingerprint is checked
+        by config only (logged).
+        """
         if self.model_config is None or model_config is None:
             return
         from .config import ModelConfig
@@ -120,6 +151,22 @@ class RetrievalIndex:
                 f"the query model (digest {theirs}) is not the index's model (digest {self.model_digest}); "
                 f"they differ in {diff}. Describe the queries with the index's model config."
             )
+        if self.weights_fingerprint is not None:
+            if weights_fingerprint is None:
+                log.warning("query weights not verified against the index's (no fingerprint given)")
+            elif weights_fingerprint != self.weights_fingerprint:
+                raise ModelMismatchError(
+                    f"the query model has the index's config but other weights (fingerprint "
+                    f"{weights_fingerprint}, index {self.weights_fingerprint}: another checkpoint, region "
+                    f"weights or whitening){self._sources_hint()}"
+                )
+        if precision is not None and precision != self.precision:
+            raise ModelMismatchError(f"the index holds {self.precision} descriptors; the queries are {precision}")
+
+    def _sources_hint(self) -> str:
+        if not self.model_sources:
+            return ""
+        return "; the index was built with " + ", ".join(f"--{k} {v}" for k, v in self.model_sources.items())
 
     # ------------------------------------------------------------------ data
     def _prepare(self, x: np.ndarray) -> np.ndarray:
@@ -155,6 +202,10 @@ class RetrievalIndex:
     def search(self, q: np.ndarray, k: int = 10, nprobe: int | None = None, use_gpu: bool = False):
         """``(scores (n, k), ids (n, k))``; ids are -1 where fewer than k results exist."""
         faiss = _faiss()
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if nprobe is not None and nprobe < 1:
+            raise ValueError(f"nprobe must be at least 1, got {nprobe}")
         q = self._prepare(np.atleast_2d(q))
         index = self.index
         ivf = faiss.try_extract_index_ivf(index)
@@ -189,6 +240,8 @@ class RetrievalIndex:
         paths = json.dumps(self.paths).encode()
         header = {"version": VERSION, "factory": self.factory, "dim": self.dim, "truncate": self.truncate,
                   "count": len(self), "model_config": self.model_config, "model_digest": self.model_digest,
+                  "weights_fingerprint": self.weights_fingerprint, "model_sources": self.model_sources,
+                  "precision": self.precision,
                   "nprobe": self.nprobe, "index_bytes": len(payload), "paths_bytes": len(paths),
                   "sha256": hashlib.sha256(payload + paths).hexdigest()}
         head = json.dumps(header).encode()
@@ -205,6 +258,8 @@ class RetrievalIndex:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"index file {path} does not exist")
+        if path.is_dir():
+            raise IndexFileError(f"{path} is a folder, not an index file")
         data = path.read_bytes()
         if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
             raise IndexFileError(f"{path} is not a remap index file")
@@ -220,7 +275,11 @@ class RetrievalIndex:
         if hashlib.sha256(body).hexdigest() != header["sha256"]:
             raise IndexFileError(f"{path} is corrupt: its checksum does not match")
         index = faiss.deserialize_index(np.frombuffer(body[:header["index_bytes"]], dtype=np.uint8).copy())
-        obj = cls(header["dim"], header["factory"], header["model_config"], header["truncate"], _index=index)
+        obj = cls(header["dim"], header["factory"], header["model_config"], header["truncate"], _index=index,
+                  weights_fingerprint=header.get("weights_fingerprint"), model_sources=header.get("model_sources"),
+                  precision=header.get("precision", "f32"))
+        if header.get("version", 1) < 2:
+            log.warning("%s was written by an older remap: its model weights cannot be verified; rebuild it", path)
         obj.paths = json.loads(body[header["index_bytes"]:])
         obj.nprobe = header.get("nprobe", 1)
         if len(obj.paths) != index.ntotal:

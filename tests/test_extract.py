@@ -51,9 +51,10 @@ def test_bad_images_are_skipped_and_listed_or_raise(tmp_path, photo_dir, rmac_mo
     out = tmp_path / "out"
     res = extract_descriptors(rmac_model, images, out, num_workers=0, progress=False)
     assert res.paths == good and [p for p, _ in res.failed] == images[1:3]
-    tsv = (out / "failed.tsv").read_text()
-    assert "corrupt.jpg\tnot an image" in tsv and "missing.jpg\tfile not found" in tsv
-    assert (out / "paths.txt").read_text().splitlines() == good
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert [f["path"] for f in failed] == images[1:3]
+    assert failed[0]["reason"].startswith("not an image") and failed[1]["reason"] == "file not found"
+    assert [json.loads(line) for line in (out / "paths.jsonl").read_text().splitlines()] == good
 
     out2 = tmp_path / "out2"
     with pytest.raises(ImageLoadError, match="corrupt.jpg"):
@@ -83,10 +84,11 @@ def test_interrupted_run_resumes_without_redoing_finished_images(tmp_path, photo
     try:
         with pytest.raises(_Interrupt):
             extract_descriptors(rmac_model, photo_dir, out, num_workers=0, progress=False, batch_size=1,
-                                save_every=2)
+                                save_every=2, engine="torch")
         assert not (out / "descriptors.npy").exists()
         calls["n"] = -100  # no more interruptions; count the images recomputed
-        res = extract_descriptors(rmac_model, photo_dir, out, num_workers=0, progress=False, batch_size=1)
+        res = extract_descriptors(rmac_model, photo_dir, out, num_workers=0, progress=False, batch_size=1,
+                                  engine="torch")
     finally:
         del rmac_model.multiscale
     assert calls["n"] == -100 + 3  # 3 of 6 were done (the 3rd flushed when interrupted)
@@ -136,7 +138,7 @@ def test_cli_extract_whiten_extract(tmp_path, photo_dir, capsys):
     assert np.allclose(np.load(out2 / "descriptors.npy"), w.apply(np.load(out / "descriptors.npy")), atol=1e-4)
     shutil.rmtree(out)
     assert main(["whiten", str(out), "-o", str(tmp_path / "x.npz")]) == 2
-    assert "no descriptors.npy" in capsys.readouterr().err
+    assert "not a folder written by `remap extract`" in capsys.readouterr().err
 
 
 def test_small_images_are_not_enlarged_unless_asked():

@@ -1,0 +1,306 @@
+"""Writers that are interrupted or run twice, and the model behind a result (issue 17, items 5-10).
+
+The subprocess tests run the real ``remap`` command (``python -m remap_lib.cli``)
+with the torch engine at 64 px so that they stay a few seconds each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from remap_lib.cli import main
+from remap_lib.config import ModelConfig
+from remap_lib.extract import (ExtractionLockedError, _output_lock, extract_descriptors, load_descriptors)
+from remap_lib.model import RetrievalModel
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "remap_lib.cli"]
+FAST = ["--head", "mac", "--image-size", "64", "--engine", "torch", "-q", "--workers", "0"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+@pytest.fixture()
+def mac_model(lite0):
+    return RetrievalModel(ModelConfig(head="mac", image_sizes=[64]), backbone=lite0)
+
+
+def _extract(model, images, out, **kw):
+    kw = {"num_workers": 0, "progress": False, "engine": "torch", **kw}
+    return extract_descriptors(model, images, out, **kw)
+
+
+# ---------------------------------------------------------------------- item 5: the model behind a result
+def test_extraction_records_the_weights_fingerprint_and_refuses_other_weights(tmp_path, photo_dir, mac_model, lite0):
+    out = tmp_path / "out"
+    _extract(mac_model, photo_dir, out)
+    settings = json.loads((out / "extraction.json").read_text())
+    assert settings["weights_fingerprint"] == mac_model.fingerprint()
+    twin = RetrievalModel(ModelConfig(head="mac", image_sizes=[64]), backbone=lite0)
+    import copy
+
+    twin = copy.deepcopy(twin)
+    with torch.no_grad():
+        next(twin.backbone.parameters()).mul_(1.01)  # a "fine-tuned" twin: same config, other weights
+    assert twin.config.digest() == mac_model.config.digest() and twin.fingerprint() != mac_model.fingerprint()
+    with pytest.raises(RuntimeError, match="different model.*weights_fingerprint"):
+        _extract(twin, photo_dir, out)
+
+
+def test_fingerprint_follows_in_place_changes(mac_model):
+    import copy
+
+    model = copy.deepcopy(mac_model)
+    before = model.fingerprint()
+    assert model.fingerprint() == before  # cached, stable
+    with torch.no_grad():
+        model.backbone.stages[next(iter(model.backbone.stages))].apply(
+            lambda m: m.weight.add_(1e-3) if isinstance(m, torch.nn.Conv2d) else None)
+    assert model.fingerprint() != before
+
+
+def _klw_file(path, model, seed=0):
+    from remap_lib.klw import KLWeights
+
+    rng = np.random.default_rng(seed)
+    weights = {layer: rng.uniform(0.1, 2.0, len(alpha)).astype(np.float32)
+               for layer, alpha in model.region_weights().items()}
+    KLWeights(weights, model.config.to_dict(), {"note": "test"}).save(path)
+
+
+def _rankings(text: str) -> list[tuple[str, str]]:
+    """``(score, path)`` of every result line of ``remap index search``."""
+    return [tuple(line.split()[1:3]) for line in text.splitlines() if line.startswith("  ")]
+
+
+def test_index_search_by_image_rebuilds_the_whole_model(tmp_path, photo_dir, capsys):
+    model_args = ["--head", "remap", "--levels", "2", "--image-size", "64", "--engine", "torch", "-q",
+                  "--workers", "0"]
+    klw = tmp_path / "k.json"
+    _klw_file(klw, RetrievalModel(ModelConfig(head="remap", levels=2, image_sizes=[64], weights="random")))
+    plain = tmp_path / "plain"
+    assert main(["extract", str(photo_dir), "-o", str(plain), "--klw", str(klw)] + model_args) == 0
+    assert main(["whiten", str(plain), "-o", str(tmp_path / "w.npz"), "--dim", "5"]) == 0
+    desc = tmp_path / "desc"
+    built = ["--klw", str(klw), "--whitening", str(tmp_path / "w.npz")]
+    assert main(["extract", str(photo_dir), "-o", str(desc)] + built + model_args) == 0
+    index = str(tmp_path / "i.remap")
+    assert main(["index", "build", str(desc), "-o", index]) == 0
+    capsys.readouterr()
+
+    query = str(photo_dir / "coffee.png")
+    qdesc = tmp_path / "q"
+    assert main(["extract", query, "-o", str(qdesc)] + built + model_args) == 0
+    capsys.readouterr()
+    assert main(["index", "search", index, "--descriptors", str(qdesc), "-k", "6"]) == 0
+    expected = _rankings(capsys.readouterr().out)
+    # by image, with no model option: the index's recorded files are used and verified
+    assert main(["index", "search", index, query, "-k", "6", "--engine", "torch"]) == 0
+    got = _rankings(capsys.readouterr().out)
+    assert got == expected and len(got) == 6
+    assert got[0][1].endswith("coffee.png") and float(got[0][0]) == pytest.approx(1.0, abs=1e-5)
+
+    # another checkpoint (same config, other weights) is refused
+    m = RetrievalModel(ModelConfig(head="remap", levels=2, image_sizes=[64]))
+    from remap_lib.klw import KLWeights
+    from remap_lib.whitening import PCAWhitening
+
+    KLWeights.load(klw).apply(m)
+    m.set_whitening(PCAWhitening.load(tmp_path / "w.npz"))
+    with torch.no_grad():
+        next(m.backbone.parameters()).mul_(0.99)
+    m.save(tmp_path / "other.pt")
+    assert main(["index", "search", index, query, "--checkpoint", str(tmp_path / "other.pt"),
+                 "--engine", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert "other weights" in err and "--klw" in err
+    # another KLW file: refused too
+    _klw_file(tmp_path / "k2.json", m, seed=1)
+    assert main(["index", "search", index, query, "--klw", str(tmp_path / "k2.json"), "--engine", "torch"]) == 2
+    assert "other weights" in capsys.readouterr().err
+    # the recorded files are gone: a message, not a traceback or another model
+    os.remove(klw)
+    assert main(["index", "search", index, query, "--engine", "torch"]) == 2
+    assert "no longer exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- items 6-9: writers
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, photo_dir, mac_model):
+    out = tmp_path / "out"
+    with _output_lock(out):
+        with pytest.raises(ExtractionLockedError, match=f"process {os.getpid()}"):
+            _extract(mac_model, photo_dir, out)
+        assert not (out / "extraction.json").exists()  # nothing written by the refused run
+    _extract(mac_model, photo_dir, out)  # released: works
+
+
+def test_a_kill_between_the_final_files_is_detected_and_repaired(tmp_path, photo_dir, mac_model, monkeypatch):
+    import remap_lib.extract as E
+
+    out = tmp_path / "out"
+    full = _extract(mac_model, photo_dir, out)
+    real = E._atomic_write
+
+    def dies_before_the_manifest(path, data):
+        if Path(path).name == "manifest.json":
+            raise KeyboardInterrupt  # killed after descriptors.npy and paths.jsonl, before the manifest
+        return real(path, data)
+
+    monkeypatch.setattr(E, "_atomic_write", dies_before_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(mac_model, sorted(map(str, photo_dir.glob("*.png")))[:3], out)
+    with pytest.raises(FileNotFoundError, match="no complete result"):
+        load_descriptors(out)
+    monkeypatch.setattr(E, "_atomic_write", real)
+    again = _extract(mac_model, photo_dir, out)
+    assert again.paths == full.paths and np.array_equal(load_descriptors(out).descriptors, full.descriptors)
+    # a pair that disagrees with its manifest is refused
+    (out / "paths.jsonl").write_text((out / "paths.jsonl").read_text().replace("coffee", "coffeX"))
+    with pytest.raises(ValueError, match="do not match manifest.json"):
+        load_descriptors(out)
+
+
+def test_parts_are_named_by_range_and_a_deleted_part_is_recomputed_alone(tmp_path, photo_dir, mac_model):
+    out = tmp_path / "out"
+    full = _extract(mac_model, photo_dir, out, save_every=2)
+    parts = sorted(p.name for p in (out / "parts").glob("part-*.npz"))
+    assert parts == ["part-000000000-000000001.npz", "part-000000002-000000003.npz",
+                     "part-000000004-000000005.npz"]
+    (out / "parts" / parts[1]).unlink()
+    calls = {"n": 0}
+    original = mac_model.multiscale
+
+    def counting(x):
+        calls["n"] += len(x[0])
+        return original(x)
+
+    mac_model.multiscale = counting
+    try:
+        res = _extract(mac_model, photo_dir, out, save_every=2, batch_size=1)
+        assert calls["n"] == 2  # exactly the two images of the deleted part
+        assert sorted(p.name for p in (out / "parts").glob("part-*.npz")) == parts
+        res2 = _extract(mac_model, photo_dir, out, save_every=2, batch_size=1)
+        assert calls["n"] == 2  # converged: nothing left to do
+    finally:
+        del mac_model.multiscale
+    assert res.paths == res2.paths == full.paths
+    assert np.allclose(res.descriptors, full.descriptors, atol=1e-6)
+
+
+def test_any_file_name_survives(tmp_path, photo_dir, mac_model):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    names = ["new\nline.png", "tab\there.png", "plain.png", "ünï cödé.png"]
+    for name in names:
+        shutil.copy(photo_dir / "chelsea.png", folder / name)
+    (folder / "bad\nname.png").write_bytes(b"corrupt")
+    out = tmp_path / "out"
+    res = _extract(mac_model, folder, out)
+    loaded = load_descriptors(out)
+    assert loaded.paths == res.paths == sorted(str(folder / n) for n in names)
+    assert loaded.failed == [(str(folder / "bad\nname.png"), loaded.failed[0][1])]
+
+
+def test_a_retry_that_succeeds_clears_the_failure_list(tmp_path, photo_dir, mac_model):
+    folder = tmp_path / "imgs"
+    shutil.copytree(photo_dir, folder)
+    (folder / "zz.png").write_bytes(b"not yet an image")
+    out = tmp_path / "out"
+    assert len(_extract(mac_model, folder, out).failed) == 1 and (out / "failed.jsonl").exists()
+    shutil.copy(photo_dir / "coffee.png", folder / "zz.png")  # the user repairs the file
+    res = _extract(mac_model, folder, out)
+    assert res.failed == [] and not (out / "failed.jsonl").exists()
+    assert len(res.paths) == 7 and load_descriptors(out).failed == []
+
+
+def test_broken_symlinks_are_listed_as_failed(tmp_path, photo_dir, mac_model):
+    folder = tmp_path / "imgs"
+    shutil.copytree(photo_dir, folder)
+    os.symlink(tmp_path / "gone.png", folder / "link.png")
+    res = _extract(mac_model, folder, tmp_path / "out")
+    assert len(res.paths) == 6
+    assert res.failed == [(str(folder / "link.png"), f"broken symbolic link (to {tmp_path / 'gone.png'})")]
+
+
+# ---------------------------------------------------------------------- kill test and concurrent runs
+def _write_collection(folder: Path, photo_dir: Path, n: int = 200) -> None:
+    """``n`` distinct small images: crops of the six photos at varied offsets and sizes."""
+    folder.mkdir()
+    photos = [Image.open(p).convert("RGB") for p in sorted(photo_dir.glob("*.png"))]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = photos[i % len(photos)]
+        w, h = img.size
+        cw, ch = int(rng.integers(3 * w // 4, w + 1)), int(rng.integers(3 * h // 4, h + 1))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img.crop((x, y, x + cw, y + ch)).save(folder / f"img{i:03d}.png")
+
+
+def _extract_cmd(folder, out):
+    return CLI + ["extract", str(folder), "-o", str(out), "--save-every", "7", "--batch-size", "4"] + FAST
+
+
+@pytest.mark.slow
+def test_killed_extraction_reruns_to_the_uninterrupted_result(tmp_path, photo_dir):
+    folder = tmp_path / "photos"
+    _write_collection(folder, photo_dir)
+    ref = tmp_path / "ref"
+    t = time.perf_counter()
+    subprocess.run(_extract_cmd(folder, ref), check=True, env=_env(), capture_output=True)
+    duration = time.perf_counter() - t
+    expected = load_descriptors(ref)
+    assert len(expected.paths) == 200 and expected.failed == []
+
+    out = tmp_path / "out"
+    rng = np.random.default_rng(17)
+    for moment in rng.uniform(0.2, 1.0, 10) * duration:
+        proc = subprocess.Popen(_extract_cmd(folder, out), env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(moment)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(_extract_cmd(folder, out), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    got = load_descriptors(out)
+    assert got.paths == expected.paths
+    assert np.array_equal(got.descriptors, expected.descriptors)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_the_second_is_refused(tmp_path, photo_dir, lite0):
+    folder = tmp_path / "photos"
+    _write_collection(folder, photo_dir, 120)
+    out = tmp_path / "out"
+    slow = ["--image-size", "320", "--upscale"]  # a first run long enough for the second to meet it
+    first = subprocess.Popen(_extract_cmd(folder, out) + slow, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / ".lock-holder.json").exists():
+        assert time.time() < deadline and first.poll() is None, "the first run never took the lock"
+        time.sleep(0.05)
+    second = subprocess.run(_extract_cmd(folder, out) + slow, env=_env(), capture_output=True, text=True)
+    assert first.poll() is None, "the first run ended before the second started: make it longer"
+    assert second.returncode == 2
+    assert second.stderr.startswith("error: ") and f"process {first.pid}" in second.stderr
+    assert "Traceback" not in second.stderr and second.stderr.count("\n") == 1
+    assert first.wait(300) == 0
+    got = load_descriptors(out)  # complete and consistent with its manifest
+    assert got.paths == sorted(str(p) for p in folder.glob("*.png")) and got.failed == []
+    model = RetrievalModel(ModelConfig(head="mac", image_sizes=[320], upscale=True), backbone=lite0)
+    ref = _extract(model, got.paths[:5], None)
+    assert np.allclose(got.descriptors[:5], ref.descriptors, atol=1e-6)
