@@ -8,14 +8,25 @@ The package follows the pipeline:
 ``pooling``            thin modules over it; REMAP streams with region weights α
 ``whitening``          PCA-whitening, the FC layer's initialisation
 ``model``              backbone + streams + whitening → L2-normalised descriptors
+``engine``             inference engines: torch, OpenVINO (CPU)
 ``images``/``extract`` robust image loading; resumable descriptor extraction
 ``config``             one plain-data description of a model
 ``cli``                the ``remap`` command
 =====================  ==========================================================
+
+``RetrievalModel`` is imported on first use, so that ``remap`` answers a bad
+command-line option without loading torch first.
 """
 
 from .config import ModelConfig
-from .model import RetrievalModel
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "RetrievalModel", "__version__"]
+
+
+def __getattr__(name):
+    if name == "RetrievalModel":
+        from .model import RetrievalModel
+
+        return RetrievalModel
+    raise AttributeError(f"module 'remap_lib' has no attribute {name!r}")
