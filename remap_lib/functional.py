@@ -15,12 +15,14 @@ Conventions
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "l2n",
+    "clamp_min_passthrough",
     "rmac_regions",
     "roi_max_pool",
     "mac",
@@ -37,6 +39,47 @@ __all__ = [
 def l2n(x: torch.Tensor, eps: float = 1e-6, dim: int = -1) -> torch.Tensor:
     """L2-normalise ``x`` along ``dim`` (``eps`` keeps an all-zero vector finite)."""
     return x / (x.norm(p=2, dim=dim, keepdim=True) + eps)
+
+
+class _ClampMinPassthrough(torch.autograd.Function):
+    @staticmethod
+    def forward(x, bound):
+        return x.clamp(min=bound)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, bound = inputs
+        ctx.save_for_backward(x)
+        ctx.bound = bound
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # inside: the identity's gradient; at (or below) the bound: only a gradient whose
+        # descent step moves x up, into the feasible set
+        passes = (x > ctx.bound) | (grad < 0)
+        return torch.where(passes, grad, torch.zeros_like(grad)), None
+
+
+def clamp_min_passthrough(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """``x.clamp(min=bound)`` whose gradient can bring a parameter back from the bound.
+
+    Why: the gradient of ``clamp`` is 0 wherever the bound is active, so a
+    constrained parameter that reaches its bound (a region weight α = 0, GeM's
+    ``p = 1``) never receives a gradient again and stays there for good, even
+    when the loss would like it to grow.  Here the value is exactly
+    ``x.clamp(min=bound)``; the gradient is the identity's where ``x > bound``,
+    and where ``x <= bound`` it passes only if its descent step (``-grad``)
+    points up, back into the feasible set, and is 0 otherwise, so that
+    momentum does not build up against the bound.  At the bound this is the
+    one-sided derivative from the feasible side: together with a projection
+    after each step (:func:`remap_lib.pooling.project_nonnegative_`) it makes
+    projected gradient descent.  Without a gradient to record (inference,
+    ``torch.no_grad``) it is a plain ``clamp``, which tracers and exporters know.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.clamp(min=bound)
+    return _ClampMinPassthrough.apply(x, bound)
 
 
 # --------------------------------------------------------------------------- regions
@@ -56,11 +99,28 @@ def rmac_regions(
     This is the region sampling the REMAP paper's ROI block uses (§III, "the
     overlap between consecutive regions is as close as possible to 40%") and
     the rule of cirtorch's ``rmac``.  At level ``l`` (1-based) the regions are
-    squares of side ``floor(2·min(H, W) / (l + 1))`` placed uniformly; along
-    the longer side, level 1 gets the extra regions that bring the overlap of
-    neighbouring squares closest to ``overlap``, and every level keeps that
-    excess.  On a 24×32 (or 32×24) map, i.e. a 768×1024 image at stride 32,
-    ``levels`` = 2/3/4/5 give 8/20/40/70 regions, the paper's Table I.
+    squares of side ``w_l = floor(2·min(H, W) / (l + 1))``.  Along the longer
+    side, level 1 gets ``n`` regions, ``n`` in 2..7, for which the overlap of
+    neighbouring squares ``1 - (long - short) / ((n - 1)·short)`` is closest to
+    ``overlap``; every level keeps that excess of ``n - 1`` regions over ``l``.
+    The ``i``-th of ``m`` regions along a side of ``s`` cells starts at
+    ``floor(i·(s - w_l) / (m - 1))``, so the first touches one border and the
+    last the other.  On a 24×32 (or 32×24) map, i.e. a 768×1024 image at
+    stride 32, ``levels`` = 2/3/4/5 give 8/20/40/70 regions, the paper's Table I.
+
+    Exact arithmetic, and where this differs from cirtorch: both rules above
+    are evaluated exactly (integers, and rationals for the overlap), so the
+    grid is what the formula says on every map size.  When two counts ``n``
+    are exactly as close to ``overlap`` (one above it, one below), the larger
+    count wins: more overlap, no part of the map seen by fewer regions.
+    cirtorch computes the same rules in float32, which decides such ties by
+    rounding (5×9: we place 3 regions at level 1, cirtorch 2) and can floor a
+    start that is an exact integer to the cell before it (2×32 at ``L = 2``:
+    ``7·(31/7)`` comes out 30.999998, so its last level-2 column starts at 30
+    and column 31 is left out).  On maps of up to 64×64 cells, levels 1–5,
+    the two grids differ on 50 of the 4,096 shapes (elongated ones such as
+    2×32 or 35×9; no 4:3 map is among them), and there an R-MAC descriptor
+    moves by up to about 0.06 (L2 distance, random maps).
 
     Args:
         height, width: size of the feature map in cells.
@@ -81,21 +141,9 @@ def rmac_regions(
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
     short, long = min(height, width), max(height, width)
-
-    extra = 0  # extra regions along the longer side, chosen once for all levels
-    if height != width:
-        candidates = range(2, 8)  # total regions along the long side at level 1
-        steps = [(long - short) / (n - 1) for n in candidates]
-        errors = [abs((short * short - short * b) / (short * short) - overlap) for b in steps]
-        extra = errors.index(min(errors)) + 1
+    extra = _extra_regions(short, long, overlap)  # chosen once for all levels
     extra_w = extra if height < width else 0
     extra_h = extra if height > width else 0
-
-    def starts(n_regions: int, side: int, wl: int) -> list[int]:
-        # cirtorch: floor(wl2 + i*b) - wl2 with wl2 = floor(wl/2 - 1), b the step.
-        wl2 = math.floor(wl / 2 - 1)
-        step = 0.0 if n_regions == 1 else (side - wl) / (n_regions - 1)
-        return [math.floor(wl2 + i * step) - wl2 for i in range(n_regions)]
 
     boxes: list[tuple[int, int, int, int]] = []
     box_levels: list[int] = []
@@ -103,17 +151,41 @@ def rmac_regions(
         boxes.append((0, 0, width, height))
         box_levels.append(0)
     for level in range(1, levels + 1):
-        wl = math.floor(2 * short / (level + 1))
+        wl = 2 * short // (level + 1)
         if wl == 0:  # map too small for this level
             continue
-        xs = starts(level + extra_w, width, wl)
-        ys = starts(level + extra_h, height, wl)
+        xs = _region_starts(level + extra_w, width, wl)
+        ys = _region_starts(level + extra_h, height, wl)
         boxes.extend((x, y, x + wl, y + wl) for y in ys for x in xs)
         box_levels.extend([level] * (len(xs) * len(ys)))
     boxes_t = torch.tensor(boxes, dtype=torch.long).reshape(-1, 4)
     if return_levels:
         return boxes_t, torch.tensor(box_levels, dtype=torch.long)
     return boxes_t
+
+
+def _extra_regions(short: int, long: int, overlap: float) -> int:
+    """Regions beyond one at level 1 along the longer side (see :func:`rmac_regions`), in exact arithmetic."""
+    if short == long:
+        return 0
+    target = Fraction(overlap).limit_denominator(10**6)  # 0.4 -> 2/5, so that ties are ties
+
+    def error(n: int) -> Fraction:  # |overlap of n squares of side `short` spread over `long` - target|
+        return abs(1 - Fraction(long - short, n - 1) / short - target)
+
+    return min(range(2, 8), key=lambda n: (error(n), -n)) - 1  # ties: the larger n
+
+
+def _region_starts(n_regions: int, side: int, wl: int) -> list[int]:
+    """Starts of ``n_regions`` squares of side ``wl`` spread evenly over ``side`` cells.
+
+    cirtorch's ``floor(wl2 + i·b) - wl2`` with ``wl2 = floor(wl/2 - 1)`` and
+    step ``b = (side - wl) / (n - 1)``; ``wl2`` is an integer, so this is
+    ``floor(i·b)``, computed here in integers.
+    """
+    if n_regions == 1:
+        return [0]
+    return [i * (side - wl) // (n_regions - 1) for i in range(n_regions)]
 
 
 def _check_intervals(start: torch.Tensor, end: torch.Tensor, n: int) -> None:

@@ -181,11 +181,25 @@ def pair_distances(regions: np.ndarray, pairs: np.ndarray, chunk: int = 4096) ->
 # --------------------------------------------------------------------------- divergence
 
 
+def _check_smoothing(smoothing: float) -> None:
+    """Refuse a smoothing that would let an empty bin through.
+
+    With ``smoothing <= 0`` a bin reached by one sample only gives ``0·log 0``
+    (NaN) or ``p·log(p/0)`` (inf), and a NaN weight turns every descriptor of
+    the model into NaN.
+    """
+    if not smoothing > 0:  # also catches NaN
+        raise ValueError(f"smoothing must be > 0 (counts added to every histogram bin), got {smoothing!r}; "
+                         "without it an empty bin makes the divergence NaN or infinite (0.5 is Jeffreys')")
+
+
 def histogram_densities(a: np.ndarray, b: np.ndarray, bins: int = 30, smoothing: float = 0.5):
     """Probabilities of ``a`` and ``b`` on shared bins spanning both, each bin + ``smoothing`` counts.
 
-    Returns ``(edges (bins+1,), p (bins,), q (bins,))``.
+    ``smoothing`` must be > 0, so that both distributions are strictly
+    positive and the divergence finite.  Returns ``(edges (bins+1,), p (bins,), q (bins,))``.
     """
+    _check_smoothing(smoothing)
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(a) == 0 or len(b) == 0:
         raise ValueError("both samples must be non-empty")
@@ -208,9 +222,14 @@ def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
 
 def region_kl(d_match: np.ndarray, d_nonmatch: np.ndarray, bins: int = 30, smoothing: float = 0.5,
               direction: str = "match_nonmatch") -> np.ndarray:
-    """KL-divergence per region between matching ``(P, R)`` and non-matching ``(Q, R)`` distances."""
+    """KL-divergence per region between matching ``(P, R)`` and non-matching ``(Q, R)`` distances.
+
+    Returns ``(R,)`` finite, non-negative weights; a non-finite divergence is
+    an error, never a weight.
+    """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    _check_smoothing(smoothing)
     d_match, d_nonmatch = np.atleast_2d(d_match.T).T, np.atleast_2d(d_nonmatch.T).T
     if d_match.shape[1] != d_nonmatch.shape[1]:
         raise ValueError(f"{d_match.shape[1]} vs {d_nonmatch.shape[1]} regions")
@@ -223,6 +242,10 @@ def region_kl(d_match: np.ndarray, d_nonmatch: np.ndarray, bins: int = 30, smoot
             out[r] = kl_divergence(q, p)
         else:
             out[r] = kl_divergence(p, q) + kl_divergence(q, p)
+    bad = np.flatnonzero(~np.isfinite(out))
+    if len(bad):
+        raise ValueError(f"the KL-divergence of region(s) {bad.tolist()} is not finite; "
+                         f"check the distances and use smoothing > 0 (got {smoothing!r})")
     return np.maximum(out, 0.0)  # exact KL is >= 0; guard against rounding
 
 
@@ -266,9 +289,19 @@ class KLWeights:
             raise ValueError(f"cannot read KL weights {path}: {exc}") from exc
         if not isinstance(blob, dict) or blob.get("format") != KLW_FORMAT:
             raise ValueError(f"{path} is not a KL-weights file ({KLW_FORMAT})")
-        weights = {k: np.asarray(v, dtype=np.float32) for k, v in blob["weights"].items()}
-        if any((w < 0).any() or not np.isfinite(w).all() for w in weights.values()):
-            raise ValueError(f"{path}: KL weights must be finite and non-negative")
+        if not all(isinstance(blob.get(k), dict) for k in ("weights", "model", "settings")):
+            raise ValueError(f"{path}: a KL-weights file needs 'weights', 'model' and 'settings' objects")
+        weights = {}
+        for layer, values in blob["weights"].items():
+            try:
+                w = np.asarray(values, dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}: layer {layer!r}: KL weights must be a list of numbers ({exc})") from exc
+            # json reads NaN and Infinity; a NaN weight would make every descriptor NaN
+            if w.ndim != 1 or not np.isfinite(w).all() or (w < 0).any():
+                raise ValueError(f"{path}: layer {layer!r}: KL weights must be a list of finite and non-negative "
+                                 f"numbers, got {values!r:.120}; estimate them again (`remap klw`)")
+            weights[layer] = w
         return cls(weights, blob["model"], blob["settings"])
 
 
@@ -280,8 +313,10 @@ def estimate_kl_weights(model: RetrievalModel, dataset, *, input_size: tuple[int
 
     ``dataset`` is a :class:`~remap_lib.datasets.RetrievalDataset` with ``groups``
     (UKBench, a folder/CSV of groups, Holidays, the demo set).  Only images in
-    sampled pairs are described.
+    sampled pairs are described.  ``smoothing`` must be > 0 (checked before
+    any image is described).
     """
+    _check_smoothing(smoothing)
     if getattr(dataset, "groups", None) is None:
         raise ValueError(f"{getattr(dataset, 'name', 'dataset')} has no groups; KL weights need matching pairs")
     matching, nonmatching = sample_pairs(dataset.groups, max_matching, nonmatching_per_matching, seed)

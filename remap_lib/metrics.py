@@ -6,8 +6,10 @@ Conventions
 database indices by decreasing similarity to query ``q`` (it may be truncated
 to the top-k; relevant images missing from a truncated row count as not
 retrieved).  ``gnd`` is a list with one dict per query holding ``"ok"`` (the
-relevant indices) and optionally ``"junk"`` (indices ignored: removed from the
-ranking before scoring, as if they were not in the database).
+relevant indices) and optionally ``"junk"`` (indices ignored: each relevant
+image moves up by one place for every junk image ranked before it, as if the
+junk were not in the database; see :func:`_positions` for an image listed as
+both).
 
 :func:`average_precision` and :func:`mean_average_precision` have the
 semantics of revisitop's ``compute_ap`` / ``compute_map`` (Radenović et al.
@@ -49,10 +51,24 @@ def rank_database(query_desc: np.ndarray, db_desc: np.ndarray, top_k: int | None
 
 
 def _positions(ranking: np.ndarray, ok, junk) -> np.ndarray:
-    """0-based positions of the relevant images in ``ranking`` once junk is removed."""
+    """Sorted 0-based positions of the relevant images in ``ranking``, junk discounted.
+
+    revisitop's ``compute_map``, exactly: the positions of the relevant images
+    and those of the junk images are found independently in the full ranking,
+    and each relevant position is lowered by the number of junk positions
+    strictly before it.  When no image is both, this is the position in the
+    ranking with the junk removed.  An image listed both as relevant and as
+    junk stays a relevant image at its own place (it is not before itself),
+    but counts as junk for the relevant images ranked after it: ranking 0..9
+    with ok = [0, 3] and junk = [3] gives positions [0, 3] and AP 17/24 =
+    0.708 (removing 3 first would give 0.5), and ok = [3, 5], junk = [3] gives
+    [3, 4].  Following the reference keeps mAP comparable with every
+    published Oxford/Paris number.
+    """
     ranking = np.asarray(ranking)
-    keep = ~np.isin(ranking, np.asarray(junk, dtype=ranking.dtype)) if len(junk) else np.ones(len(ranking), bool)
-    return np.flatnonzero(np.isin(ranking[keep], np.asarray(ok, dtype=ranking.dtype)))
+    pos = np.flatnonzero(np.isin(ranking, np.asarray(ok, dtype=ranking.dtype)))
+    junk_pos = np.flatnonzero(np.isin(ranking, np.asarray(junk, dtype=ranking.dtype)))
+    return pos - np.searchsorted(junk_pos, pos, side="left")  # junk strictly before each positive
 
 
 def average_precision(positions: np.ndarray, n_relevant: int) -> float:

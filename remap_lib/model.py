@@ -185,20 +185,29 @@ class RetrievalModel(nn.Module):
 
     @torch.no_grad()
     def set_region_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load α per layer (e.g. KL-divergences); layers not named keep theirs."""
+        """Load α per layer (e.g. KL-divergences); layers not named keep theirs.
+
+        Every weight must be finite and ≥ 0: one NaN α would make every
+        descriptor NaN.  All layers are checked before any is changed.
+        """
         if self.config.head != "remap":
             raise ValueError(f"a {self.config.head} head has no region weights")
+        checked = {}
         for layer, alpha in weights.items():
             if layer not in self.layers:
                 raise ValueError(f"no stream for layer {layer!r}; streams: {self.layers}")
             stream = self.streams[layer]
             alpha = torch.as_tensor(alpha, dtype=torch.float32)
-            if alpha.shape != stream.alpha.raw.shape or bool((alpha < 0).any()):
+            if alpha.shape != stream.alpha.raw.shape or not bool(torch.isfinite(alpha).all()) \
+                    or bool((alpha < 0).any()):
                 raise ValueError(
-                    f"layer {layer}: need {stream.alpha.raw.numel()} non-negative weights, "
+                    f"layer {layer}: need {stream.alpha.raw.numel()} finite, non-negative weights, "
                     f"got shape {tuple(alpha.shape)}"
+                    + (f" with values {alpha.tolist()!r:.120}" if alpha.shape == stream.alpha.raw.shape else "")
                 )
-            stream.alpha.raw.copy_(alpha)
+            checked[layer] = alpha
+        for layer, alpha in checked.items():
+            self.streams[layer].alpha.raw.copy_(alpha)
 
     @torch.no_grad()
     def set_whitening(self, whitening: PCAWhitening) -> None:
@@ -231,15 +240,32 @@ class RetrievalModel(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location="cpu") -> "RetrievalModel":
-        """A model saved by :meth:`save`; read as data (``weights_only=True``)."""
+        """A model saved by :meth:`save`; read as data (``weights_only=True``).
+
+        Every floating-point tensor (region weights α, backbone, whitening) must
+        be finite: a file from a run that diverged is refused here, by tensor
+        name, rather than producing NaN descriptors later.
+        """
         try:
             blob = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
         except Exception as exc:
             raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
         if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a remap checkpoint ({CHECKPOINT_FORMAT})")
+        state = blob.get("state_dict")
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} has no state_dict; it is not a complete remap checkpoint")
+        for name, tensor in state.items():  # a NaN α or weight would make every descriptor NaN
+            if torch.is_tensor(tensor) and tensor.is_floating_point():
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    raise ValueError(
+                        f"{path}: tensor {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; "
+                        "the file is corrupt or was saved from a diverged training run: "
+                        "use an earlier checkpoint or train again"
+                    )
         config = ModelConfig.from_dict(blob["config"])
         backbone = build_backbone(config.backbone, "random")  # every weight comes from the file
         model = cls(config, backbone)
-        model.load_state_dict(blob["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True)
         return model.eval()

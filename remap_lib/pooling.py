@@ -40,7 +40,14 @@ class SPoC(nn.Module):
 
 
 class GeM(nn.Module):
-    """GeM pooling with a learnable exponent ``p`` (kept ≥ 1 in the forward pass)."""
+    """GeM pooling with a learnable exponent ``p``, used as ``max(p, 1)``.
+
+    ``p < 1`` would pool below the mean, so the forward pass uses ``p``
+    clamped at 1, with :func:`~remap_lib.functional.clamp_min_passthrough` so
+    that an exponent at 1 still grows when the loss asks for it (a plain
+    ``clamp`` has no gradient there); :func:`project_nonnegative_` puts ``p``
+    back to 1 after a step that took it below.
+    """
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6):
         super().__init__()
@@ -48,7 +55,11 @@ class GeM(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return RF.gem(x, self.p.clamp(min=1.0), self.eps)
+        return RF.gem(x, RF.clamp_min_passthrough(self.p, 1.0), self.eps)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        self.p.clamp_(min=1.0)
 
     def extra_repr(self):
         return f"p={self.p.item():.4f}"
@@ -73,8 +84,11 @@ class RegionWeights(nn.Module):
     :meth:`forward` always returns ``raw.clamp(min=0)``, and
     :func:`project_nonnegative_` (called after each step by the trainer, or
     registered with :func:`register_nonnegative_projection`) sets ``raw`` back
-    into the feasible set — projected gradient descent, which keeps the
-    gradient alive at the boundary (a weight at 0 can grow again).
+    into the feasible set: projected gradient descent.  A weight the
+    projection left at exactly 0 must be able to grow again, which a plain
+    ``clamp`` forbids (its gradient is 0 at the bound); the forward pass uses
+    :func:`~remap_lib.functional.clamp_min_passthrough`, whose gradient at 0
+    passes when it pushes α up and is 0 when it pushes α down.
     """
 
     def __init__(self, init: torch.Tensor):
@@ -85,7 +99,7 @@ class RegionWeights(nn.Module):
         self.raw = nn.Parameter(init.clone())
 
     def forward(self) -> torch.Tensor:
-        return self.raw.clamp(min=0)
+        return RF.clamp_min_passthrough(self.raw, 0.0)
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -96,14 +110,19 @@ class RegionWeights(nn.Module):
 
 
 def project_nonnegative_(module: nn.Module) -> None:
-    """Clamp every :class:`RegionWeights` inside ``module`` to α ≥ 0, in place."""
+    """Put every constrained parameter inside ``module`` back into its feasible set, in place.
+
+    Every :class:`RegionWeights` to α ≥ 0 and every :class:`GeM` to ``p ≥ 1``;
+    call it after each optimiser step (the trainer does) or register it with
+    :func:`register_nonnegative_projection`.
+    """
     for m in module.modules():
-        if isinstance(m, RegionWeights):
+        if isinstance(m, (RegionWeights, GeM)):
             m.project_()
 
 
 def register_nonnegative_projection(optimizer: torch.optim.Optimizer, module: nn.Module):
-    """Project α ≥ 0 after every ``optimizer.step()``; returns the hook handle."""
+    """Project α ≥ 0 (and GeM's p ≥ 1) after every ``optimizer.step()``; returns the hook handle."""
     return optimizer.register_step_post_hook(lambda *_: project_nonnegative_(module))
 
 

@@ -11,8 +11,8 @@ import torch
 from remap_lib.cli import main
 from remap_lib.config import ModelConfig
 from remap_lib.datasets import load_folder_groups
-from remap_lib.klw import (KLWeights, estimate_kl_weights, pair_distances, region_descriptors, region_kl,
-                           sample_pairs)
+from remap_lib.klw import (KLWeights, estimate_kl_weights, histogram_densities, pair_distances,
+                           region_descriptors, region_kl, sample_pairs)
 from remap_lib.model import RetrievalModel
 from remap_lib.plots import kl_weight_map
 
@@ -51,6 +51,28 @@ def test_several_regions_and_non_negativity():
     assert w[0] > 3 and w[1] < 0.02 and w[2] < 0.02  # only the first region separates the pairs
     with pytest.raises(ValueError, match="direction"):
         region_kl(d_match, d_non, direction="up")
+
+
+@pytest.mark.parametrize("smoothing", [0, 0.0, -0.5, float("nan")])
+def test_smoothing_must_be_positive(smoothing):
+    # Without smoothing a bin reached by one sample only gives 0·log(0/q) = NaN or p·log(p/0) = inf:
+    # with smoothing=0 these two samples, disjoint on 3 bins, would give a NaN weight.
+    d_match, d_non = np.array([[0.1], [0.2]]), np.array([[1.5], [1.9]])
+    with pytest.raises(ValueError, match="smoothing must be > 0"):
+        region_kl(d_match, d_non, bins=3, smoothing=smoothing)
+    with pytest.raises(ValueError, match="smoothing must be > 0"):
+        histogram_densities(d_match[:, 0], d_non[:, 0], bins=3, smoothing=smoothing)
+    # Half a count: bins [0.1, 0.7), [0.7, 1.3), [1.3, 1.9]; p = (2.5, .5, .5) / 3.5, q = (.5, .5, 2.5) / 3.5
+    #   Σ p log(p/q) = (2.5 log 5 + 0.5 log 1 + 0.5 log(1/5)) / 3.5 = 2 log 5 / 3.5
+    assert region_kl(d_match, d_non, bins=3, smoothing=0.5)[0] == pytest.approx(2 * math.log(5) / 3.5)
+
+
+def test_non_finite_divergences_are_refused(monkeypatch):
+    import remap_lib.klw as klw
+
+    monkeypatch.setattr(klw, "kl_divergence", lambda p, q: float("nan"))
+    with pytest.raises(ValueError, match="not finite"):
+        region_kl(np.array([[0.1, 0.2]]), np.array([[1.0, 1.5]]))
 
 
 def test_sample_pairs():
@@ -121,6 +143,36 @@ def test_estimate_is_deterministic_and_loads_into_a_model(tmp_path, group_datase
                                        '"weights": {"head": [-1.0]}}')
     with pytest.raises(ValueError, match="non-negative"):
         KLWeights.load(tmp_path / "bad.json")
+
+
+def test_estimate_refuses_smoothing_zero_before_describing_images(group_dataset, lite0, monkeypatch):
+    import remap_lib.klw as klw
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the backbone ran before the settings were checked")
+
+    monkeypatch.setattr(klw, "region_descriptors", fail)
+    model = RetrievalModel(ModelConfig(head="remap", levels=2), backbone=lite0)
+    with pytest.raises(ValueError, match="smoothing must be > 0"):
+        estimate_kl_weights(model, group_dataset, smoothing=0, input_size=(128, 96), progress=False)
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-1.0"])
+def test_klw_file_with_non_finite_or_negative_weights_is_refused(tmp_path, bad):
+    path = tmp_path / "bad.json"
+    path.write_text('{"format": "remap-klw-v1", "model": {}, "settings": {}, '
+                    f'"weights": {{"head": [0.5, 1.0], "block15": [0.5, {bad}]}}}}')
+    with pytest.raises(ValueError, match=r"bad\.json.*layer 'block15'.*finite and non-negative"):
+        KLWeights.load(path)
+
+
+def test_klw_weights_that_are_not_finite_do_not_reach_the_model(lite0):
+    model = RetrievalModel(ModelConfig(head="remap", levels=2), backbone=lite0)
+    klw = KLWeights({"head": np.full(8, np.nan, np.float32), "block15": np.ones(8, np.float32)},
+                    model.config.to_dict(), {})
+    with pytest.raises(ValueError, match="finite"):
+        klw.apply(model)
+    assert torch.equal(model.region_weights()["head"], torch.ones(8))  # untouched
 
 
 def test_kl_weight_map_hand_computed():

@@ -209,6 +209,60 @@ def test_revisitop_equality_is_not_vacuous():
     np.testing.assert_allclose(ref_aps, [1 / 3, 19 / 24])
 
 
+def test_positive_also_listed_as_junk_scores_like_revisitop():
+    # Ranking 0..9, ok = [0, 3], junk = [3].  revisitop finds the positives at [0, 3] and the
+    # junk at [3] independently, then lowers each positive by the junk ranked strictly before it
+    # (none: 3 is not before itself), so both positives stay at 0 and 3:
+    #   j=0, r=0: (1 + 1) / 2 = 1;  j=1, r=3: (1/3 + 2/4) / 2 = 5/12  ->  AP = (17/12) / 2 = 17/24 = 0.7083
+    # (removing the junk from the ranking first would drop image 3 and give (1 + 0) / 2 = 0.5).
+    ranks = np.arange(10)[None]
+    gnd = [{"ok": [0, 3], "junk": [3]}]
+    ref_map, ref_aps, ref_pr, _ = compute_map(ranks.T, gnd, kappas=[1, 5])
+    assert ref_aps[0] == pytest.approx(17 / 24)  # the reference's own value: 0.708...
+    m, aps = mean_average_precision(ranks, gnd)
+    assert aps[0] == pytest.approx(17 / 24, abs=1e-12) and m == pytest.approx(17 / 24, abs=1e-12)
+    # P@k, 1-based positions [1, 4]: k=1 -> 1/1; k=5 -> cut 4 -> 2/4
+    mp, _ = mean_precision_at_k(ranks, gnd, ks=(1, 5))
+    np.testing.assert_allclose(mp, [1.0, 0.5])
+    np.testing.assert_allclose(mp, ref_pr)
+    # A later positive: ok = [3, 5], junk = [3]: 3 stays at 3; 5 has the junk 3 before it -> 4.
+    #   j=0, r=3: (0/3 + 1/4) / 2 = 1/8;  j=1, r=4: (1/4 + 2/5) / 2 = 13/40  ->  AP = (18/40) / 2 = 9/40
+    gnd = [{"ok": [3, 5], "junk": [3]}]
+    assert compute_map(ranks.T, gnd)[1][0] == pytest.approx(9 / 40)
+    assert mean_average_precision(ranks, gnd)[1][0] == pytest.approx(9 / 40, abs=1e-12)
+
+
+def _overlapping_problem(rng, nq, ndb):
+    """Like :func:`_random_problem`, but some relevant images are also listed as junk."""
+    ranks = np.stack([rng.permutation(ndb) for _ in range(nq)])
+    gnd = []
+    for q in range(nq):
+        perm = rng.permutation(ndb)
+        n_ok = int(rng.integers(1, 8))
+        n_both = int(rng.integers(1, n_ok + 1))  # the last n_both relevant images are junk too
+        n_junk = int(rng.integers(0, 6))
+        gnd.append({"ok": perm[:n_ok].tolist(), "junk": perm[n_ok - n_both:n_ok + n_junk].tolist()})
+    return ranks, gnd
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_equals_revisitop_compute_map_when_positives_are_also_junk(seed):
+    rng = np.random.default_rng(100 + seed)
+    ranks, gnd = _overlapping_problem(rng, nq=int(rng.integers(1, 9)), ndb=int(rng.integers(8, 40)))
+    truncated = seed % 5 == 0
+    if truncated:  # top-6 rankings (the reference's P@k fails when no positive is retrieved: AP only)
+        ranks = ranks[:, :6]
+    ref_map, ref_aps, ref_pr, ref_prs = compute_map(ranks.T, gnd, kappas=[] if truncated else [1, 5, 10])
+    m, aps = mean_average_precision(ranks, gnd)
+    assert m == pytest.approx(ref_map, abs=1e-12)
+    np.testing.assert_allclose(aps, ref_aps, rtol=0, atol=1e-12)
+    if truncated:
+        return
+    mp, prs = mean_precision_at_k(ranks, gnd, ks=(1, 5, 10))
+    np.testing.assert_allclose(mp, ref_pr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(prs, ref_prs, rtol=0, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- revisited protocols
 
 # Database of 6 images, two queries.

@@ -104,6 +104,36 @@ def test_checkpoint_round_trip(tmp_path, random_lite0):
         RetrievalModel.load(tmp_path / "bad.pt")
 
 
+def test_set_region_weights_refuses_non_finite_or_negative(random_lite0):
+    model = RetrievalModel(ModelConfig(head="remap", levels=2, weights="random"), backbone=random_lite0)
+    for bad in (float("nan"), float("inf"), -1.0):
+        alpha = torch.ones(8)
+        alpha[3] = bad
+        with pytest.raises(ValueError, match="layer head: need 8 finite, non-negative weights"):
+            model.set_region_weights({"head": alpha})
+    assert torch.equal(model.region_weights()["head"], torch.ones(8))  # untouched
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+def test_checkpoint_with_non_finite_tensor_is_refused(tmp_path, random_lite0):
+    model = RetrievalModel(ModelConfig(head="remap", levels=2, weights="random"), backbone=random_lite0)
+    with torch.no_grad():
+        pooled = model.pool(torch.rand(20, 3, 64, 64)).numpy()
+    model.set_whitening(learn_pca_whitening(pooled, dim=10))
+    model.save(tmp_path / "m.pt")
+    for name, bad in [("streams.head.alpha.raw", float("nan")),
+                      ("backbone.stages.block3._depthwise_conv.weight", float("inf")),
+                      ("whiten.bias", float("-inf"))]:
+        blob = torch.load(tmp_path / "m.pt", weights_only=True)
+        blob["state_dict"][name].view(-1)[1] = bad
+        torch.save(blob, tmp_path / "broken.pt")
+        with pytest.raises(ValueError, match=rf"broken\.pt.*{name.replace('.', '[.]')}.*1 NaN or infinite"):
+            RetrievalModel.load(tmp_path / "broken.pt")
+    RetrievalModel.load(tmp_path / "m.pt")  # the intact file still loads
+
+
 def test_config_round_trip_and_digest(tmp_path):
     c = ModelConfig(head="gem", levels=3, image_sizes=[512])
     for name in ("c.yaml", "c.json"):
