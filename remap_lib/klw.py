@@ -160,7 +160,8 @@ def region_descriptors(model: RetrievalModel, specs: Sequence[ImageSpec], input_
             if sorted(index.tolist()) != list(range(stream.alpha.raw.numel())):
                 raise ValueError(
                     f"a {input_size[0]}x{input_size[1]} input gives a {tuple(maps[layer].shape[-2:])} map whose "
-                    f"regions do not match the {stream.reference} reference grid one to one; use a 4:3 input size"
+                    f"{stream.levels}-level grid does not match the {stream.reference} reference grid one to one "
+                    f"(a 4:3 input large enough for {stream.levels} levels, e.g. 512x384, does)"
                 )
             regions = stream.regions(maps[layer])  # (B, R, C), the head's own code
             reordered = torch.empty_like(regions)

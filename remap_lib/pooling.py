@@ -132,9 +132,14 @@ def _regions_and_weight_index(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Boxes of an ``height × width`` map and, for each, the reference region whose α it uses.
 
-    A region uses the α of the reference-grid region of the same level whose
-    centre, in coordinates normalised to the map, is nearest.  A portrait map
-    is compared with the transposed reference grid, so both a 24×32 and a 32×24
+    When the map's grid has the reference's layout (per level the same number
+    of region rows and columns: every map of the reference's aspect ratio, or
+    its transpose), region ``k`` uses α ``k``: both grids are listed level by
+    level in row-major order, so this is the one-to-one mapping, also on small
+    maps such as 6×8 where rounding moves region centres.  Other maps use, per
+    region, the α of the reference-grid region of the same level whose centre,
+    in coordinates normalised to the map, is nearest.  A portrait map is
+    compared with the transposed reference grid, so both a 24×32 and a 32×24
     map use every α exactly once (an identity mapping up to transposition).
     """
     boxes, levels_of = RF.rmac_regions(height, width, levels, full_map=full_map, return_levels=True)
@@ -149,14 +154,23 @@ def _regions_and_weight_index(
     def centres(b, h, w):
         return torch.stack([(b[:, 0] + b[:, 2]) / (2 * w), (b[:, 1] + b[:, 3]) / (2 * h)], 1).double()
 
-    c, rc = centres(boxes, height, width), centres(ref_boxes, ref_h, ref_w)
-    dist = torch.cdist(c, rc)
-    dist[levels_of[:, None] != ref_levels[None, :]] = float("inf")
-    index = dist.argmin(1)
+    if _grid_layout(boxes, levels_of) == _grid_layout(ref_boxes, ref_levels):
+        index = torch.arange(len(boxes))
+    else:
+        c, rc = centres(boxes, height, width), centres(ref_boxes, ref_h, ref_w)
+        dist = torch.cdist(c, rc)
+        dist[levels_of[:, None] != ref_levels[None, :]] = float("inf")
+        index = dist.argmin(1)
     if transposed:  # index into the (un-transposed) reference ordering
         _, order = _transpose_order(ref_h, ref_w, levels, full_map)
         index = order[index]
     return boxes, index
+
+
+def _grid_layout(boxes: torch.Tensor, levels_of: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Per level: ``(level, distinct region rows, distinct region columns)``."""
+    return [(int(lv), len(set(boxes[levels_of == lv, 1].tolist())), len(set(boxes[levels_of == lv, 0].tolist())))
+            for lv in sorted(set(levels_of.tolist()))]
 
 
 def _transpose_order(height: int, width: int, levels: int, full_map: bool):

@@ -57,13 +57,14 @@ from .datasets import RetrievalDataset, load_dataset, parse_group_range, split_g
 from .download import sha256_file
 from .extract import scaled_sizes
 from .images import ImageSpec, load_spec, resize_longer_side, to_tensor
-from .model import RetrievalModel
+from .model import CHECKPOINT_FORMAT as MODEL_FORMAT, RetrievalModel
 from .pooling import RegionWeights, project_nonnegative_
 
 __all__ = ["TrainConfig", "Trainer", "check_no_overlap", "matching_pairs", "mine_hard_negatives", "train"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "remap-train-v1"
+_CHECKPOINT_KEYS = ("config", "model", "optimizer", "step", "triplet", "negatives", "window_start", "history")
 
 
 @dataclass
@@ -108,8 +109,12 @@ class TrainConfig:
             raise ValueError(f"loss must be 'triplet' or 'contrastive', got {self.loss!r}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be bf16, fp16 or null, got {self.amp!r}")
-        if self.accumulate < 1 or self.steps < 1 or self.remine_every < 1:
-            raise ValueError("accumulate, steps and remine_every must be positive")
+        for name in ("accumulate", "steps", "remine_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        if not isinstance(self.val_every, int) or isinstance(self.val_every, bool) or self.val_every < 0:
+            raise ValueError(f"val_every must be 0 (never) or a positive whole number, got {self.val_every!r}")
         if self.model.head != "remap" and self.train_alpha and self.alpha_init != "ones":
             raise ValueError("alpha_init applies to REMAP heads only")
 
@@ -377,10 +382,28 @@ class Trainer:
 
     def _read_checkpoint(self) -> dict:
         path = self._checkpoint_path()
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a remap training checkpoint")
-        old = {k: v for k, v in blob["config"].items() if k not in ("steps", "out_dir", "device", "num_workers")}
+        advice = "delete it to start this training over, or restore a good copy of it to resume"
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as exc:  # truncated, garbage: RuntimeError, UnpicklingError, EOFError, ... from torch
+            # (torch's own text may suggest weights_only=False: never, for a file that fails to load)
+            raise ValueError(f"cannot read the training checkpoint {path}: it is damaged or incomplete "
+                             f"({type(exc).__name__}); {advice}") from exc
+        if not isinstance(blob, dict):
+            problem = f"it holds a {type(blob).__name__}"
+        elif blob.get("format") != CHECKPOINT_FORMAT:
+            problem = f"its format is {blob.get('format')!r}"
+            if blob.get("format") == MODEL_FORMAT:
+                problem += " (a trained model, like model.pt, not the state of a training run)"
+        else:
+            missing = [k for k in _CHECKPOINT_KEYS if k not in blob]
+            problem = f"it lacks {missing}" if missing else ""
+        if problem:
+            raise ValueError(f"{path} is not a remap training checkpoint ({CHECKPOINT_FORMAT}): {problem}; {advice}")
+        ignored = ("steps", "checkpoint_every", "out_dir", "device", "num_workers")  # change nothing trained
+        old = {k: v for k, v in blob["config"].items() if k not in ignored}
         new = {k: v for k, v in self.cfg.to_dict().items() if k in old}
         if old != new:
             diff = sorted(k for k in old if old[k] != new.get(k))
@@ -403,6 +426,7 @@ class Trainer:
         self.step, self.triplet = int(blob["step"]), int(blob["triplet"])
         self.negatives, self.window_start = blob["negatives"].numpy(), int(blob["window_start"])
         self.history = json.loads(blob["history"])
+        self._cut_log(self.step)  # rows logged after the checkpoint are logged again from here
         log.info("resumed from %s at update %d (triplet %d)", self._checkpoint_path(), self.step, self.triplet)
         return optimizer
 
@@ -417,6 +441,24 @@ class Trainer:
         if "ukbench" in scores:
             out["val_ukbench"] = round(scores["ukbench"]["score"], 4)
         return out
+
+    def _cut_log(self, last_step: int) -> None:
+        """Keep log.csv's header and its complete rows up to ``last_step``; rewritten atomically."""
+        path = self.out / "log.csv"
+        if self.rank != 0 or not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or "step" not in rows[0]:
+            return
+        header, col = rows[0], rows[0].index("step")
+        keep = [r for r in rows[1:] if len(r) == len(header) and r[col].isdigit() and int(r[col]) <= last_step]
+        if len(keep) == len(rows) - 1:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([header, *keep])
+        os.replace(tmp, path)
 
     def _log(self, row: dict, writer) -> None:
         self.history.append(row)
@@ -454,6 +496,7 @@ class Trainer:
         if self._checkpoint_path().exists():
             optimizer = self._resume()
         else:
+            self._cut_log(-1)  # a run killed before its first checkpoint starts over, step 0 included
             self._init_parameters()
             optimizer = self._optimizer()
         self._optimizer_ready = optimizer
@@ -476,7 +519,8 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                writer = SummaryWriter(str(self.out / "tensorboard"))
+                # a resumed run drops the events logged after its checkpoint, as _cut_log does for log.csv
+                writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1 if self.step else None)
             except ImportError:
                 pass
 

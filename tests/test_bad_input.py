@@ -118,5 +118,5 @@ def test_klw_accepts_a_small_4_3_input(work, capsys):
     """256x192 is 4:3: its 6x8 map must give the 40 regions of the reference grid one to one."""
     out = work.parent / "klw_small.json"
     assert main(["klw", "-d", str(work / "groups"), "-o", str(out), "--input-size", "256x192", "--levels", "4",
-                 "--matching", "6", "--bins", "5", "-q"]) == 0
+                 "--matching", "3", "--nonmatching-ratio", "2", "--bins", "5", "-q"]) == 0
     assert "40 regions" in capsys.readouterr().out

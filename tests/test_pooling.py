@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from remap_lib import functional as RF
@@ -167,3 +168,19 @@ def test_projection_keeps_gem_exponent_at_least_one():
     project_nonnegative_(model)
     assert model["gem"].p.item() == 1.0
     assert model["remap"].alpha.raw.tolist() == [0.0, 0.5]
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (8, 6), (9, 12), (24, 32), (32, 24)])
+@pytest.mark.parametrize("levels", [2, 3, 4, 5])
+def test_every_4_3_map_uses_each_region_weight_once(shape, levels):
+    """Small 4:3 maps (a 256x192 input gives 6x8) have the reference's layout: region k uses alpha k.
+
+    Before, the nearest-centre rule on a 6x8 map at S = 4 gave 35 distinct alphas for 40 regions.
+    """
+    from remap_lib.pooling import _regions_and_weight_index
+
+    boxes, index = _regions_and_weight_index(*shape, levels, False, (24, 32))
+    assert len(boxes) == {2: 8, 3: 20, 4: 40, 5: 70}[levels]
+    assert sorted(index.tolist()) == list(range(len(boxes)))
+    if shape[0] < shape[1]:
+        assert index.tolist() == list(range(len(boxes)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
+from remap_lib import cli
 from remap_lib import functional as RF
 from remap_lib.config import ModelConfig
 from remap_lib.datasets import load_folder_groups
@@ -155,6 +157,123 @@ def test_config_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("trian: demo\n")
     with pytest.raises(ValueError, match="unknown training config keys"):
         TrainConfig.load(tmp_path / "bad.yaml")
+
+
+class _Killed(Exception):
+    """Stands in for SIGKILL: the run stops right after logging a step."""
+
+
+def _deterministic_log(out: Path) -> list[tuple[str, str, str]]:
+    with open(out / "log.csv", newline="") as f:
+        return [(r["step"], r["triplets"], r["loss"]) for r in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("kill_at", [1, 3])  # before the first checkpoint; after the one at step 2
+def test_log_after_kill_and_resume_has_one_row_per_step(tmp_path, tiny_groups, monkeypatch, kill_at):
+    ds = load_folder_groups(tiny_groups)
+    Trainer(_cfg(tiny_groups, tmp_path / "full", checkpoint_every=2), train_set=ds).run()
+
+    log_step = Trainer._log
+
+    def log_then_die(self, row, writer):
+        log_step(self, row, writer)
+        if row["step"] == kill_at:
+            raise _Killed
+
+    monkeypatch.setattr(Trainer, "_log", log_then_die)
+    with pytest.raises(_Killed):
+        Trainer(_cfg(tiny_groups, tmp_path / "killed", checkpoint_every=2), train_set=ds).run()
+    monkeypatch.undo()
+    Trainer(_cfg(tiny_groups, tmp_path / "killed", checkpoint_every=2), train_set=ds).run()
+
+    rows = _deterministic_log(tmp_path / "killed")
+    assert [r[0] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert rows == _deterministic_log(tmp_path / "full")  # same steps, triplets and losses
+
+
+def _yaml_cfg(tmp_path, tiny_groups, **kw) -> Path:
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(_cfg(tiny_groups, tmp_path / "run", **kw).to_dict()))
+    return path
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("option,value", [("--steps", "0"), ("--steps", "-3"),
+                                          ("--checkpoint-every", "0"), ("--checkpoint-every", "-2")])
+def test_cli_train_refuses_non_positive_counts(tmp_path, tiny_groups, capsys, option, value):
+    config = _yaml_cfg(tmp_path, tiny_groups)
+    assert cli.main(["train", "--config", str(config), option, value]) == 2
+    line = _one_error_line(capsys)
+    assert option[2:].replace("-", "_") in line and line.endswith(value)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("key,value", [("steps", 0), ("steps", -1), ("checkpoint_every", 0),
+                                       ("checkpoint_every", -5), ("accumulate", 0), ("val_every", -1)])
+def test_config_yaml_refuses_bad_counts_naming_the_value(tmp_path, key, value):
+    (tmp_path / "c.yaml").write_text(f"train: demo\n{key}: {value}\n")
+    with pytest.raises(ValueError) as err:
+        TrainConfig.load(tmp_path / "c.yaml")
+    assert key in str(err.value) and str(err.value).endswith(str(value))
+
+
+def test_cli_checkpoint_every_is_used_and_may_change_on_resume(tmp_path, tiny_groups, monkeypatch):
+    config = _yaml_cfg(tmp_path, tiny_groups, steps=1)
+    assert cli.main(["train", "--config", str(config)]) == 0
+    # a resumed run may checkpoint at another interval: it does not change what is trained
+    assert cli.main(["train", "--config", str(config), "--steps", "3", "--checkpoint-every", "2"]) == 0
+    saved, save = [], Trainer.save_checkpoint
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, opt: (saved.append(self.step), save(self, opt)))
+    assert cli.main(["train", "--config", str(config), "--steps", "7", "--checkpoint-every", "3"]) == 0
+    assert saved == [6, 7]  # every 3 updates, and at the end
+    assert [r[0] for r in _deterministic_log(tmp_path / "run")] == [str(s) for s in range(8)]
+
+
+def _not_a_training_checkpoint(path: Path) -> None:
+    torch.save({"format": "remap-train-v1"}, path)  # the right tag, nothing else
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "tensor", "model_file", "tag_only"])
+def test_corrupt_checkpoint_is_refused_with_advice(tmp_path, tiny_groups, damage):
+    ds = load_folder_groups(tiny_groups)
+    cfg = _cfg(tiny_groups, tmp_path / "run", steps=1)
+    path = tmp_path / "run" / "checkpoint.pt"
+    if damage in ("truncated", "model_file"):
+        trainer = Trainer(cfg, train_set=ds)
+        trainer.run()
+        if damage == "model_file":  # a valid torch file: the model, not the training state
+            shutil.copy(tmp_path / "run" / "model.pt", path)
+        else:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.parent.mkdir(parents=True)
+        if damage == "garbage":
+            path.write_bytes(np.random.default_rng(0).bytes(4096))
+        elif damage == "empty":
+            path.write_bytes(b"")
+        elif damage == "tensor":
+            torch.save(torch.zeros(3), path)
+        else:
+            _not_a_training_checkpoint(path)
+    with pytest.raises(ValueError) as err:
+        Trainer(cfg, train_set=ds).prepare()
+    message = str(err.value)
+    assert str(path) in message and "delete it" in message and "good copy" in message
+
+
+def test_cli_train_with_a_garbage_checkpoint_prints_one_error_line(tmp_path, tiny_groups, capsys):
+    config = _yaml_cfg(tmp_path, tiny_groups)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"\x80\x02garbage" * 100)
+    assert cli.main(["train", "--config", str(config)]) == 2
+    assert "checkpoint.pt" in _one_error_line(capsys)
 
 
 @pytest.mark.slow
