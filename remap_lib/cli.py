@@ -1,7 +1,8 @@
 """The ``remap`` command line.
 
     remap backbones                      list backbones and their layers
-    remap extract IMAGES... -o OUT       describe images (resumable)
+    remap extract IMAGES... -o OUT       describe images (resumable; --shard K/N, or under torchrun)
+    remap merge OUT SHARD...             join the folders of `extract --shard`
     remap whiten OUT -o whitening.npz    learn PCA-whitening from extracted descriptors
     remap evaluate -d DATASET -m METHOD  methods x datasets -> table (CSV/JSON)
     remap klw -d DATASET -o klw.json     KL-divergence region weights from a dataset with groups
@@ -200,19 +201,37 @@ def cmd_backbones(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from .extract import extract_descriptors, resolve_images
+    from .extract import extract_descriptors, extract_distributed, parse_shard, resolve_images
 
     _check_output_folder(args.out)
+    shard = parse_shard(args.shard) if args.shard else None
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if shard and distributed:
+        raise ValueError("--shard splits the work without torchrun; under torchrun the ranks split it")
     images = resolve_images(_input_images(args))  # errors (missing, empty) before anything is built or written
     model = model_from_args(args)
-    result = extract_descriptors(
-        model, images, args.out, batch_size=args.batch_size, device=args.device,
-        num_workers=args.workers, on_error=args.on_error, progress=not args.quiet, save_every=args.save_every,
-        engine=args.engine, precision=args.precision, sources=model_sources(args),
-    )
+    options = dict(batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                   on_error=args.on_error, progress=not args.quiet, save_every=args.save_every,
+                   engine=args.engine, precision=args.precision, sources=model_sources(args))
+    if distributed:
+        result = extract_distributed(model, images, args.out, **options)
+        if result is None:  # ranks other than 0: rank 0 reports
+            return 0
+    else:
+        result = extract_descriptors(model, images, args.out, shard=shard, **options)
     print(f"{len(result.paths)} descriptors of dimension {result.descriptors.shape[1]} in {args.out}"
           + (f"; {len(result.failed)} images failed (see {args.out}/failed.jsonl)" if result.failed else ""))
     return 1 if result.failed and args.on_error == "raise" else 0
+
+
+def cmd_merge(args) -> int:
+    from .extract import merge_extractions
+
+    _check_output_folder(args.out)
+    result = merge_extractions(args.out, args.shards)
+    print(f"{len(result.paths)} descriptors from {len(args.shards)} shards in {args.out}"
+          + (f"; {len(result.failed)} images failed (see {args.out}/failed.jsonl)" if result.failed else ""))
+    return 0
 
 
 def cmd_whiten(args) -> int:
@@ -477,10 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip bad images (listed in failed.jsonl) or stop at the first")
     p.add_argument("--save-every", type=positive_int, default=64,
                    help="write finished descriptors to disk every this many images (what a kill can lose)")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="describe only block K of N (0-based) of the image list, e.g. one job of a SLURM "
+                        "array; join the folders with `remap merge`. Under torchrun the ranks split the list")
     _add_engine_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("merge", help="join the folders of `remap extract --shard K/N` into one, in input order")
+    p.add_argument("out", help="output folder")
+    p.add_argument("shards", nargs="+", help="the N shard folders (any order)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("whiten", help="learn PCA-whitening from extracted descriptors")
     p.add_argument("descriptors", help="folder written by `remap extract`")

@@ -53,8 +53,8 @@ from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, Image
 from .model import RetrievalModel
 from .whitening import PCAWhitening, learn_pca_whitening
 
-__all__ = ["Descriptors", "ExtractionLockedError", "extract_descriptors", "learn_whitening", "load_descriptors",
-           "resolve_images"]
+__all__ = ["Descriptors", "ExtractionLockedError", "extract_descriptors", "extract_distributed", "learn_whitening",
+           "load_descriptors", "merge_extractions", "parse_shard", "resolve_images", "shard_bounds"]
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("skip", "raise")
@@ -272,6 +272,12 @@ def _settings(model: RetrievalModel, max_pixels: int, precision: str) -> dict:
 _IDENTITY_KEYS = ("model_digest", "weights_fingerprint", "precision")
 
 
+def _check_or_write_shard(old: dict, settings: dict, out_dir: Path) -> None:
+    if old.get("shard") != settings.get("shard"):
+        raise RuntimeError(f"{out_dir} holds another part of the image list (shard {old.get('shard')} there, "
+                           f"{settings.get('shard')} now); use another output folder")
+
+
 def _check_or_write_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / "extraction.json"
     if path.exists():
@@ -286,6 +292,7 @@ def _check_or_write_settings(out_dir: Path, settings: dict) -> None:
                 + ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in diff.items())
                 + "); use another output folder"
             )
+        _check_or_write_shard(old, settings, out_dir)
         return
     _atomic_write(path, json.dumps(settings, indent=2).encode())
 
@@ -317,6 +324,7 @@ def extract_descriptors(
     engine: str = "auto",
     precision: str = "f32",
     sources: dict | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Descriptors:
     """Describe every image with ``model``.
 
@@ -336,6 +344,9 @@ def extract_descriptors(
         precision: ``"f32"`` (equal to the torch path) or ``"bf16"`` (faster, approximate).
         sources: the files the model was built from (``{"checkpoint"|"klw"|"whitening": path}``),
             recorded in ``extraction.json`` so that an index built from it can rebuild the query model.
+        shard: ``(k, n)``: describe only the ``k``-th of ``n`` contiguous blocks of the image
+            list (0-based; :func:`shard_bounds`), for independent jobs (SLURM arrays) whose
+            folders :func:`merge_extractions` joins; recorded in ``extraction.json``.
 
     Returns:
         :class:`Descriptors` in input order, bad images left out.
@@ -350,6 +361,13 @@ def extract_descriptors(
     paths = [spec.key for spec in specs]
     if len(set(paths)) != len(paths):
         raise ValueError("the image list contains duplicates")
+    shard_info = None
+    if shard is not None:
+        k, n = shard
+        start, stop = shard_bounds(len(specs), k, n)
+        shard_info = {"index": k, "count": n, "start": start, "stop": stop, "total": len(specs),
+                      "input_sha256": _sha256(_jsonl(paths))}
+        specs = specs[start:stop]
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise FileExistsError(f"output folder {out_dir} is an existing file; choose a folder")
     device = select_device(device)
@@ -357,6 +375,8 @@ def extract_descriptors(
     describe, precision = _describer(model, engine, precision, device)
     settings = _settings(model, max_pixels, precision)
     settings["sources"] = dict(sources or {})
+    if shard_info is not None:
+        settings["shard"] = shard_info
     if out_dir is None:
         return _extract(model, describe, specs, None, settings, batch_size, device, num_workers, on_error,
                         save_every, max_pixels, progress)
@@ -369,6 +389,7 @@ def extract_descriptors(
 def _extract(model, describe, specs, out_dir: Path | None, settings, batch_size, device, num_workers, on_error,
              save_every, max_pixels, progress) -> Descriptors:
     paths = [spec.key for spec in specs]
+    offset = settings.get("shard", {}).get("start", 0)  # parts are named by positions in the whole list
     done: dict[str, np.ndarray] = {}
     writer = None
     if out_dir is not None:
@@ -414,7 +435,7 @@ def _extract(model, describe, specs, out_dir: Path | None, settings, batch_size,
                         continue
                     done[todo[i]] = row
                     if writer is not None:
-                        writer.add(todo_positions[i], todo[i], row)
+                        writer.add(offset + todo_positions[i], todo[i], row)
                 bar.update(len(batch))
         complete = True
     finally:
@@ -501,3 +522,128 @@ def learn_whitening(model: RetrievalModel, images, dim: int | None = None, **ext
     whitening = learn_pca_whitening(pooled.descriptors, dim)
     model.set_whitening(whitening)
     return whitening
+
+
+# ---------------------------------------------------------------------- several processes, several jobs
+def shard_bounds(total: int, index: int, count: int) -> tuple[int, int]:
+    """``[start, stop)`` of block ``index`` (0-based) when ``total`` images are cut into ``count`` contiguous blocks.
+
+    Contiguous blocks (not every ``count``-th image) keep each shard's images
+    in input order, so the merged result is the shards concatenated, and
+    consecutive images of one size still batch together.
+    """
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= K < N (shards are numbered 0 to N-1)")
+    base, extra = divmod(total, count)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → ``(K, N)``, 0-based: ``--shard 0/4`` … ``--shard 3/4``."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected K/N, e.g. 0/4 (shards are numbered 0 to N-1)") from None
+    shard_bounds(0, k, n)  # validates
+    return k, n
+
+
+def merge_extractions(out_dir: str | os.PathLike, shard_dirs: Sequence[str | os.PathLike]) -> Descriptors:
+    """Join the folders of ``--shard 0/N`` … ``--shard N-1/N`` into one extraction folder, in input order.
+
+    Refused, with a message, unless every shard is complete (manifest),
+    all come from one model (config digest, weights fingerprint, precision)
+    and one image list (same hash), and each of the ``N`` shards is there
+    exactly once.
+    """
+    shards = [load_descriptors(d) for d in shard_dirs]
+    if not shards:
+        raise ValueError("no shard folders to merge")
+    infos = []
+    for d, sh in zip(shard_dirs, shards):
+        info = sh.config.get("shard")
+        if info is None:
+            raise ValueError(f"{d} is not a shard (made without --shard or torchrun)")
+        infos.append(info)
+    first = shards[0].config
+    for d, sh, info in zip(shard_dirs, shards, infos):
+        diff = [k for k in _IDENTITY_KEYS if sh.config.get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"{d} was made with other model settings than {shard_dirs[0]} (differs in "
+                             f"{', '.join(diff)}: {', '.join(f'{sh.config.get(k)} vs {first.get(k)}' for k in diff)})")
+        if (info["count"], info["input_sha256"]) != (infos[0]["count"], infos[0]["input_sha256"]):
+            raise ValueError(f"{d} is a shard of another image list or shard count than {shard_dirs[0]}")
+    count = infos[0]["count"]
+    found = sorted(info["index"] for info in infos)
+    if found != list(range(count)):
+        missing = sorted(set(range(count)) - set(found))
+        repeated = sorted({k for k in found if found.count(k) > 1})
+        raise ValueError(f"need each of the {count} shards once: "
+                         + (f"missing {missing}" if missing else "") + (f" repeated {repeated}" if repeated else ""))
+    order = sorted(range(len(shards)), key=lambda i: infos[i]["index"])
+    paths = [p for i in order for p in shards[i].paths]
+    failed = [f for i in order for f in shards[i].failed]
+    matrix = (np.concatenate([shards[i].descriptors for i in order]) if paths
+              else np.zeros((0, shards[0].descriptors.shape[1]), np.float32))
+    settings = {k: v for k, v in first.items() if k != "shard"}
+    settings["merged_from"] = [os.path.abspath(d) for d in (shard_dirs[i] for i in order)]
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output folder {out} is an existing file; choose a folder")
+    with _output_lock(out):
+        old = out / "extraction.json"
+        if old.exists() and json.loads(old.read_text()).get("merged_from") is None:
+            raise ValueError(f"{out} already holds an extraction; merge into a new folder")
+        _atomic_write(old, json.dumps(settings, indent=2).encode())
+        result = Descriptors(paths, matrix, failed, settings)
+        if failed:
+            _atomic_write(out / "failed.jsonl", _jsonl({"path": p, "reason": r} for p, r in failed))
+        else:
+            (out / "failed.jsonl").unlink(missing_ok=True)
+        _write_result(out, result)
+    return result
+
+
+def _process_group() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` from torchrun's environment; joins the group (gloo / nccl)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    return rank, world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def extract_distributed(model: RetrievalModel, images, out_dir: str | os.PathLike, *,
+                        device: str | torch.device = "auto", **kwargs) -> Descriptors | None:
+    """:func:`extract_descriptors` under ``torchrun``: each rank describes its block of the image list.
+
+    Rank ``r`` of ``N`` writes ``out/shards/shard-r-of-N/`` (a resumable
+    extraction folder of its own, on the GPU of its ``LOCAL_RANK`` when
+    ``device`` is ``"auto"`` and CUDA is there, else the CPU); after a barrier,
+    rank 0 merges the shards into ``out/`` in input order
+    (:func:`merge_extractions`).  Rerunning the same command after a crash or
+    a kill resumes every rank where its parts stop.  With several machines
+    (``--nnodes``), ``out`` must be on a file system they share.  Returns the
+    merged result on rank 0 and ``None`` on the other ranks.  Without torchrun
+    (``WORLD_SIZE`` unset or 1) this is :func:`extract_descriptors`.
+    """
+    import torch.distributed as dist
+
+    rank, world, local = _process_group()
+    if world == 1:
+        return extract_descriptors(model, images, out_dir, device=device, **kwargs)
+    if str(device) == "auto":
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    out = Path(out_dir)
+    shard_dirs = [out / "shards" / f"shard-{k:05d}-of-{world:05d}" for k in range(world)]
+    kwargs.setdefault("progress", rank == 0)
+    try:
+        extract_descriptors(model, images, shard_dirs[rank], device=device, shard=(rank, world), **kwargs)
+    finally:
+        dist.barrier()  # every rank reaches it, also after an error, so that none waits forever
+    merged = merge_extractions(out, shard_dirs) if rank == 0 else None
+    dist.barrier()
+    return merged
