@@ -15,9 +15,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HEADS", "ModelConfig", "PAPER_MULTISCALE"]
+__all__ = ["HEADS", "LAYER_WEIGHTS", "ModelConfig", "PAPER_MULTISCALE"]
 
 HEADS = ("mac", "spoc", "gem", "rmac", "remap")
+LAYER_WEIGHTS = ("none", "ones", "kl")
 
 # Paper Eq. 3: X = 2·X(1024×768) + 1.4·X(1280×960).
 PAPER_MULTISCALE = {"image_sizes": (1024, 1280), "scale_weights": (2.0, 1.4)}
@@ -44,6 +45,14 @@ class ModelConfig:
         image_sizes: longer side(s) of the resized input, in pixels.  The first
             is the base size; further sizes are ratios to it (Eq. 3's 1280/1024).
         scale_weights: weight of each size in the multi-scale sum (paper Eq. 3).
+        layer_weights: how the layer streams of a multi-layer head are balanced
+            before concatenation.  ``"none"``: REMAP streams are concatenated as
+            they are (the paper; the 1280-channel layer then outweighs the
+            320-channel one), baseline streams L2-normalised.  ``"ones"``: every
+            stream L2-normalised, then scaled by a non-negative learnable weight
+            initialised to 1.  ``"kl"``: the same, the weights initialised from
+            each layer's mean KL-divergence when KL region weights are applied
+            (:meth:`remap_lib.klw.KLWeights.apply`).
         upscale: also enlarge images smaller than the base size.  Off by default,
             as in the standard protocol (cirtorch's ``imresize`` only shrinks): a
             query cropped to its box keeps the scale of the objects in the
@@ -64,6 +73,7 @@ class ModelConfig:
     image_sizes: list[int] = field(default_factory=lambda: [1024])
     scale_weights: list[float] = field(default_factory=lambda: [1.0])
     upscale: bool = False
+    layer_weights: str = "none"
 
     def __post_init__(self):
         self.head = self.head.lower()
@@ -84,6 +94,8 @@ class ModelConfig:
             raise ValueError(f"image sizes must be at least 32 pixels, got {self.image_sizes}")
         if self.levels < 1:
             raise ValueError(f"levels must be >= 1, got {self.levels}")
+        if self.layer_weights not in LAYER_WEIGHTS:
+            raise ValueError(f"layer_weights must be one of {', '.join(LAYER_WEIGHTS)}, got {self.layer_weights!r}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -98,8 +110,15 @@ class ModelConfig:
         return cls(**data)
 
     def digest(self) -> str:
-        """12 hex digits identifying this exact configuration."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """12 hex digits identifying this exact configuration.
+
+        Options added after the first release are left out while they hold
+        their default, so the digests of existing configs do not change.
+        """
+        data = self.to_dict()
+        if data.get("layer_weights") == "none":
+            del data["layer_weights"]
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def save(self, path: str | os.PathLike) -> None:

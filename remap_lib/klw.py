@@ -272,6 +272,8 @@ class KLWeights:
         if missing:
             raise ValueError(f"no KL weights for layer(s) {sorted(missing)}; have {sorted(self.weights)}")
         model.set_region_weights({layer: torch.as_tensor(self.weights[layer]) for layer in model.layers})
+        if model.config.layer_weights == "kl":  # each layer by its regions' mean divergence
+            model.set_layer_weights([float(np.mean(self.weights[layer])) for layer in model.layers])
 
     def save(self, path: str | os.PathLike) -> None:
         """JSON with the weights, the model config and the estimation settings; atomic."""

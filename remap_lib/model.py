@@ -28,7 +28,7 @@ from torch import nn
 from . import functional as RF
 from .backbones import FeatureBackbone, build_backbone
 from .config import ModelConfig
-from .pooling import GeM, MAC, RMAC, RemapStream, SPoC
+from .pooling import GeM, MAC, RMAC, RegionWeights, RemapStream, SPoC
 from .whitening import PCAWhitening
 
 __all__ = ["RetrievalModel", "WhiteningNotLearnedError", "weights_fingerprint"]
@@ -90,6 +90,8 @@ class RetrievalModel(nn.Module):
         config.layers = list(self.backbone.resolve_layers(config.layers))
         self.config = config
         self.streams = nn.ModuleDict({layer: _stream(config) for layer in config.layers})
+        # per-layer balance (ModelConfig.layer_weights); absent by default, so old checkpoints load unchanged
+        self.layer_weights = RegionWeights(torch.ones(len(config.layers))) if config.layer_weights != "none" else None
         self.pooled_dim = sum(self.backbone.channels[layer] for layer in config.layers)
         self.whiten: nn.Linear | None = None
         self.register_buffer("whitening_learned", torch.tensor(False))
@@ -136,7 +138,9 @@ class RetrievalModel(nn.Module):
 
         REMAP streams are concatenated as they are, so their region weights
         also weigh the layers against each other (the paper's "region and layer
-        weighting"); baseline streams are L2-normalised first.
+        weighting"); baseline streams are L2-normalised first.  With
+        ``config.layer_weights`` other than ``"none"``, every stream is
+        L2-normalised and scaled by its learnable non-negative layer weight.
         """
         return self.pool_maps(self.feature_maps(images))
 
@@ -147,9 +151,14 @@ class RetrievalModel(nn.Module):
         run the backbone once and pool many ways (``benchmarks/paper_*.py``).
         """
         parts = []
-        for layer in self.layers:
+        weights = self.layer_weights() if self.layer_weights is not None else None
+        for i, layer in enumerate(self.layers):
             v = self.streams[layer](maps[layer])
-            parts.append(v if self.config.head == "remap" else RF.l2n(v))
+            if weights is not None:
+                v = RF.l2n(v) * weights[i]
+            elif self.config.head != "remap":
+                v = RF.l2n(v)
+            parts.append(v)
         return RF.l2n(torch.cat(parts, dim=1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -208,6 +217,16 @@ class RetrievalModel(nn.Module):
             checked[layer] = alpha
         for layer, alpha in checked.items():
             self.streams[layer].alpha.raw.copy_(alpha)
+
+    @torch.no_grad()
+    def set_layer_weights(self, weights) -> None:
+        """Load the per-layer weights (one non-negative, finite number per layer, in ``self.layers`` order)."""
+        if self.layer_weights is None:
+            raise ValueError("this model has no layer weights (ModelConfig.layer_weights is 'none')")
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        if w.shape != (len(self.layers),) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"need {len(self.layers)} finite, non-negative layer weights, got {w.tolist()}")
+        self.layer_weights.raw.copy_(w)
 
     @torch.no_grad()
     def set_whitening(self, whitening: PCAWhitening) -> None:

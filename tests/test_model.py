@@ -158,3 +158,40 @@ def test_gradient_checkpointing_gives_the_same_gradients(random_lite0):
         grads.append(model.backbone.stages["block3"]._depthwise_conv.weight.grad.clone())
     model.backbone.checkpointing = False
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_layer_weights_balance_the_streams_and_learn():
+    """layer_weights="ones": each stream L2-normalised, times a learnable non-negative weight (init 1)."""
+    from remap_lib import functional as RF
+
+    cfg = ModelConfig(head="remap", levels=2, weights="random", layer_weights="ones")
+    model = RetrievalModel(cfg)
+    x = torch.rand(2, 3, 96, 128)
+    maps = model.feature_maps(x)
+    parts = [RF.l2n(model.streams[layer](maps[layer])) for layer in model.layers]
+    assert torch.allclose(model.pool_maps(maps), RF.l2n(torch.cat(parts, 1)), atol=1e-6)
+    model.set_layer_weights([2.0, 0.5])
+    expected = RF.l2n(torch.cat([2.0 * parts[0], 0.5 * parts[1]], 1))
+    assert torch.allclose(model.pool_maps(maps), expected, atol=1e-6)
+    model.pool_maps(maps)[:, :5].sum().backward()
+    assert model.layer_weights.raw.grad is not None and bool(model.layer_weights.raw.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match="finite, non-negative"):
+        model.set_layer_weights([1.0, float("nan")])
+    plain = RetrievalModel(ModelConfig(head="remap", levels=2, weights="random"))
+    assert plain.layer_weights is None and "layer_weights.raw" not in plain.state_dict()
+    assert ModelConfig(head="remap").digest() == "9bb2ecd06d68"  # the default keeps old digests
+
+
+def test_layer_weights_kl_start_from_each_layers_mean_divergence(tmp_path):
+    import numpy as np
+
+    from remap_lib.klw import KLWeights
+
+    model = RetrievalModel(ModelConfig(head="remap", levels=2, weights="random", layer_weights="kl"))
+    weights = {layer: np.full(8, v, np.float32) for layer, v in zip(model.layers, (0.2, 0.8))}
+    weights[model.layers[0]][0] = 1.0  # mean 0.3
+    KLWeights(weights, model.config.to_dict(), {}).apply(model)
+    assert torch.allclose(model.layer_weights(), torch.tensor([0.3, 0.8]), atol=1e-6)
+    model.save(tmp_path / "m.pt")
+    again = RetrievalModel.load(tmp_path / "m.pt")
+    assert torch.equal(again.layer_weights(), model.layer_weights())
