@@ -463,6 +463,17 @@ def split_groups(dataset: RetrievalDataset, groups: Sequence[int]) -> RetrievalD
     return _add_ukbench_protocol(ds) if "ukbench" in dataset.gnd else ds
 
 
+def without_images(dataset: RetrievalDataset, keys) -> RetrievalDataset:
+    """The group dataset without the images whose :attr:`ImageSpec.key` is in ``keys`` (e.g. noise
+    that geometric verification dropped); every image stays a query, groups keep their names."""
+    if dataset.groups is None:
+        raise ValueError(f"{dataset.name} has no groups")
+    keys = set(keys)
+    keep = [i for i, spec in enumerate(dataset.images) if spec.key not in keys]
+    return _group_dataset(dataset.name, [dataset.images[i] for i in keep],
+                          [f"{dataset.groups[i]:06d}" for i in keep])
+
+
 def parse_group_range(spec: str) -> range:
     """``"LO-HI"`` (inclusive, e.g. ``"0-99"``: UKBench's first 100 objects) as a ``range``."""
     try:

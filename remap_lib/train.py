@@ -60,7 +60,8 @@ from .images import ImageSpec, load_spec, resize_longer_side, to_tensor
 from .model import CHECKPOINT_FORMAT as MODEL_FORMAT, RetrievalModel
 from .pooling import RegionWeights, project_nonnegative_
 
-__all__ = ["TrainConfig", "Trainer", "check_no_overlap", "matching_pairs", "mine_hard_negatives", "train"]
+__all__ = ["TrainConfig", "Trainer", "check_no_overlap", "matching_pairs", "mine_hard_negatives", "train",
+           "verified_training_pairs"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "remap-train-v1"
@@ -73,6 +74,7 @@ class TrainConfig:
 
     train: str = "demo"  # dataset spec with groups: a path (UKBench, folder/CSV of groups, ...) or "demo"
     train_groups: str | None = None  # "LO-HI": only these groups (e.g. UKBench objects 0-99)
+    pairs: str | None = None  # CSV of verified matching pairs (`remap verify-pairs`) in place of all same-group pairs
     val: str | None = None  # dataset spec for validation mAP during training
     val_groups: str | None = None
     exclude: list[str] = field(default_factory=list)  # evaluation sets that must not overlap the training images
@@ -147,6 +149,43 @@ def matching_pairs(groups) -> np.ndarray:
     if not pairs:
         raise ValueError("no group has two images: nothing to train on")
     return np.array(pairs, dtype=np.int64)
+
+
+def verified_training_pairs(train_set: RetrievalDataset, path: str | os.PathLike):
+    """``(training set, (P, 2) ordered pairs)`` from a pairs file of ``remap verify-pairs``.
+
+    The kept pairs become the positive pairs (both orders), in place of every
+    same-group pair: too-easy near-duplicates and unverifiable pairs are left
+    out, as in Gordo et al. and the REMAP paper (§IV-A).  Images the noise
+    cleaning dropped (the ``dropped`` list of the JSON beside the CSV) leave
+    the training set, so they are not mined as negatives either.  Pairs with
+    an image outside the training set (e.g. a validation landmark) are
+    skipped and counted in the log.
+    """
+    from .datasets import without_images
+    from .verification import load_pairs
+
+    path = Path(path)
+    side = path.with_suffix(".json")
+    if side.is_file():
+        dropped = {os.path.realpath(d["path"]) for d in json.loads(side.read_text()).get("dropped", [])}
+        if dropped:
+            keys = [spec.key for spec in train_set.images if os.path.realpath(spec.path) in dropped]
+            train_set = without_images(train_set, keys)
+            log.info("pairs file: %d images dropped by noise cleaning leave the training set", len(keys))
+    index = {os.path.realpath(spec.path): i for i, spec in enumerate(train_set.images) if spec.box is None}
+    pairs, skipped = set(), 0
+    for p in load_pairs(path):
+        a, b = index.get(os.path.realpath(p.query)), index.get(os.path.realpath(p.positive))
+        if a is None or b is None or train_set.groups[a] != train_set.groups[b] or a == b:
+            skipped += 1
+            continue
+        pairs.update({(a, b), (b, a)})
+    if not pairs:
+        raise ValueError(f"{path}: none of its kept pairs joins two images of one group of {train_set.name}")
+    if skipped:
+        log.info("pairs file: %d kept pairs skipped (an image outside the training set)", skipped)
+    return train_set, np.array(sorted(pairs), dtype=np.int64)
 
 
 def mine_hard_negatives(query_desc: np.ndarray, query_groups, pool_desc: np.ndarray, pool_groups) -> np.ndarray:
@@ -259,8 +298,11 @@ class Trainer:
         if self.val_set is not None:
             check_no_overlap(self.train_set, {"validation": self.val_set})
 
+        if cfg.pairs:
+            self.train_set, self.pairs = verified_training_pairs(self.train_set, cfg.pairs)
         self.groups = np.asarray(self.train_set.groups)
-        self.pairs = matching_pairs(self.groups)
+        if not cfg.pairs:
+            self.pairs = matching_pairs(self.groups)
         self.images = _Images(list(self.train_set.images), cfg.model.image_sizes[0], cfg.model.upscale,
                               cfg.cache_images and cfg.num_workers == 0)
         torch.manual_seed(cfg.seed)  # random initialisation (weights: random) is reproducible too

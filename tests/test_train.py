@@ -306,3 +306,24 @@ def test_whitening_init_keeps_training_distances_informative(tmp_path, tiny_grou
     pooled = trainer._describe(whitened=False)
     full = learn_pca_whitening(pooled, len(pooled) - 1).apply(pooled)
     assert (2 - 2 * full @ full.T)[off].std() < 1e-3  # the degenerate case, for contrast
+
+
+def test_a_pairs_file_replaces_the_same_group_pairs(tmp_path, tiny_groups):
+    """Kept pairs (both orders) become the positives; dropped images leave the pool; other rows are skipped."""
+    rows = [("coffee/a.png", "coffee/b.png", "kept"), ("chelsea/a.png", "chelsea/c.png", "kept"),
+            ("rocket/a.png", "rocket/b.png", "too_easy"), ("camera/a.png", "chelsea/a.png", "kept")]
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("query,positive,group,inliers,status\n" + "".join(
+        f"{tiny_groups / a},{tiny_groups / b},g,10,{s}\n" for a, b, s in rows))
+    (tmp_path / "pairs.json").write_text(json.dumps({"dropped": [{"path": str(tiny_groups / "astronaut" / "c.png"),
+                                                                  "group": "astronaut"}]}))
+    trainer = Trainer(_cfg(tiny_groups, tmp_path / "run", steps=1, pairs=str(csv_path)),
+                      train_set=load_folder_groups(tiny_groups))
+    names = [str(Path(s.path).relative_to(tiny_groups)) for s in trainer.train_set.images]
+    assert len(names) == 17 and "astronaut/c.png" not in names
+    got = {(names[a], names[b]) for a, b in trainer.pairs.tolist()}
+    assert got == {("coffee/a.png", "coffee/b.png"), ("coffee/b.png", "coffee/a.png"),
+                   ("chelsea/a.png", "chelsea/c.png"), ("chelsea/c.png", "chelsea/a.png")}
+    assert len(trainer.groups) == 17
+    trainer.run()
+    assert trainer.step == 1
