@@ -7,9 +7,10 @@ What every experiment needs, in one place:
   has them, ``roxford5k/``, ``holidays/``, ``oxford5k/``, ``paris6k/``) plus
   the embedded demo set, each with the image size it is described at.  So the
   scripts run unchanged on the full benchmarks.
-* :class:`SharedBackbone` — one backbone pass per image feeds many heads at
+* :class:`SharedBackbone` — :mod:`remap_lib.shared_pass` by backbone name and
+  with :class:`Bench` objects: one backbone pass per image feeds many heads at
   once (:meth:`RetrievalModel.pool_maps`), so Tables I and II are ten heads
-  over one CNN pass; pooled descriptors are cached on disk per head config.
+  over one CNN pass; pooled descriptors are cached on disk per head.
   :func:`check_against_describe` verifies on a few images that this equals
   the normal extraction path.
 * :func:`disjoint_whitening` — PCA-whitening of each dataset learned on the
@@ -23,11 +24,9 @@ What every experiment needs, in one place:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import platform
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
+from remap_lib import shared_pass  # noqa: E402
 from remap_lib.backbones import build_backbone  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import RetrievalDataset, load_dataset, load_revisited, load_ukbench, split_groups  # noqa: E402
+from remap_lib.datasets import (RetrievalDataset, load_dataset, load_revisited, load_ukbench,  # noqa: E402
+                                parse_group_range, split_groups)
 from remap_lib.evaluate import describe, score  # noqa: E402
-from remap_lib.extract import _ImageDataset  # noqa: E402
 from remap_lib.model import RetrievalModel  # noqa: E402
 from remap_lib.whitening import learn_pca_whitening  # noqa: E402
 
@@ -109,96 +108,59 @@ def find_datasets(data_root: str | Path, demo: bool = True, only=None, size_over
     return found
 
 
-def held_out_ukbench(bench: Bench, train_groups=range(100)) -> tuple[RetrievalDataset, Bench]:
-    """UKBench split for experiments that learn from it: ``(training groups, the rest as "ukbench-test")``.
+def held_out_ukbench(bench: Bench, train_groups: range | str = range(100),
+                     test_groups: range | str | None = None) -> tuple[RetrievalDataset, Bench]:
+    """UKBench split for experiments that learn from it: ``(training groups, the scored ones as "ukbench-test")``.
 
-    Objects 0–99 train (KL weights, fine-tuning); 100 onwards are scored, never trained on.
+    By default objects 0–99 train (KL weights, fine-tuning) and 100 onwards
+    are scored, never trained on.  Either part can be given as a range or as
+    ``"LO-HI"`` (inclusive, e.g. ``"0-49"``); the test part defaults to every
+    object after the training ones.  A dataset without all the objects the
+    split names is refused with the size it needs (a 100-object folder
+    cannot hold out objects 100 onwards).
     """
-    train = split_groups(bench.dataset, train_groups)
-    rest = range(max(train_groups) + 1, len(set(bench.dataset.groups)))
-    return train, Bench("ukbench-test", split_groups(bench.dataset, rest), bench.size, bench.kind)
+    train = parse_group_range(train_groups) if isinstance(train_groups, str) else train_groups
+    have = len(set(bench.dataset.groups or ()))
+    if test_groups is None:
+        test, scored = range(max(train) + 1, have), "the objects after them"
+    else:
+        test = parse_group_range(test_groups) if isinstance(test_groups, str) else test_groups
+        scored = f"objects {min(test)}-{max(test)}" if len(test) else "no object"
+    needed = max([*train, *test, max(train) + 1]) + 1  # at least one scored object
+    if have < needed or not len(test):
+        raise ValueError(
+            f"{bench.name} has {have} objects; training on objects {min(train)}-{max(train)} and scoring on "
+            f"{scored} needs at least {needed} (the full UKBench has 2550); use a smaller training range, "
+            f"e.g. '0-{max(0, have // 2 - 1)}'")
+    if set(train) & set(test):
+        raise ValueError(f"the training objects {min(train)}-{max(train)} and the scored objects "
+                         f"{min(test)}-{max(test)} overlap")
+    return split_groups(bench.dataset, train), Bench("ukbench-test", split_groups(bench.dataset, test), bench.size,
+                                                     bench.kind)
 
 
-class SharedBackbone:
-    """Runs the backbone once per image and pools it with many heads at once.
+class SharedBackbone(shared_pass.SharedBackbone):
+    """:class:`remap_lib.shared_pass.SharedBackbone` as the paper scripts call it: by name, with a :class:`Bench`.
 
-    Experiments that change only the head (region count, layers, α, one or
-    two scales) share one CNN pass per image: :meth:`describe_many` computes
-    the feature maps of the layers any head needs, hands them to every
-    model's :meth:`RetrievalModel.pool_maps`, and keeps only the pooled
-    descriptors, so memory does not grow with the maps and the full
-    benchmarks fit.  Results are cached per (dataset, head config and
-    region weights α, sizes) as ``.npy`` files, so re-running a script (or another script with the same
-    heads) skips the CNN.  :func:`check_against_describe` verifies on a few
-    images that this path equals the normal extraction.
+    One CNN pass per image feeds every head; :meth:`describe_many` returns
+    pooled vectors per size (before whitening) and caches them per head under
+    ``<cache>/pooled/<bench>-<N>/`` (config digest, weights fingerprint, sizes).
     """
 
     def __init__(self, backbone: str, weights: str, cache_dir: str | Path | None, device: torch.device,
-                 built=None):
-        self.name, self.weights, self.device = backbone, weights, device
-        self.backbone = (built if built is not None else build_backbone(backbone, weights)).to(device).eval()
-        self.dir = None if cache_dir is None else Path(cache_dir) / "pooled"
+                 built=None, engine: str = "auto", precision: str = "f32"):
+        super().__init__(built if built is not None else build_backbone(backbone, weights), device, engine, precision,
+                         cache_dir=None if cache_dir is None else Path(cache_dir) / "pooled", weights=weights,
+                         max_pixels=MAX_PIXELS)
 
     @classmethod
-    def wrap(cls, backbone, device: torch.device) -> "SharedBackbone":
-        """Over an already built (e.g. fine-tuned) backbone; nothing is cached (the config
-        digest does not see trained weights)."""
-        return cls(backbone.name, "trained", None, device, built=backbone)
-
-    def model(self, config: ModelConfig) -> RetrievalModel:
-        """A model over the shared backbone (built once) with ``config``'s head."""
-        cfg = ModelConfig.from_dict({**config.to_dict(), "backbone": self.name, "weights": self.weights})
-        return RetrievalModel(cfg, self.backbone).to(self.device)
-
-    def _path(self, bench: Bench, model: RetrievalModel, sizes, part: str) -> Path:
-        # α are weights, not config: two REMAP heads with one config and different α (ones vs KL)
-        # must not share an entry
-        alpha = hashlib.sha256(b"".join(a.numpy().tobytes() for a in model.region_weights().values()))
-        key = f"{model.config.digest()}-{alpha.hexdigest()[:12]}-{'x'.join(map(str, sizes))}-{part}.npy"
-        return self.dir / f"{bench.name}-{len(bench.dataset.images)}" / key
-
-    def _pass(self, specs, sizes, models: dict[str, RetrievalModel], label: str) -> dict[str, np.ndarray]:
-        layers = sorted({layer for m in models.values() for layer in m.layers})
-        rows: dict[str, list] = {k: [] for k in models}
-        with torch.inference_mode():
-            for i, item in tqdm(_ImageDataset(specs, sizes, False, MAX_PIXELS), desc=label, total=len(specs),
-                                mininterval=10):
-                if isinstance(item, str):
-                    raise RuntimeError(f"{specs[i].path}: {item}")
-                per_scale = [self.backbone(x[None].to(self.device), layers) for x in item]
-                for k, m in models.items():
-                    rows[k].append([m.pool_maps(maps)[0].float().cpu().numpy() for maps in per_scale])
-        # (n_scales, N, D) per model
-        return {k: np.stack([np.stack(s) for s in zip(*r)]).astype(np.float32) for k, r in rows.items()}
+    def wrap(cls, backbone, device: torch.device, engine: str = "auto") -> "SharedBackbone":
+        """Over an already built (e.g. fine-tuned) backbone; nothing cached (its scripts pass ``cache=False``)."""
+        return cls(backbone.name, "trained", None, device, built=backbone, engine=engine)
 
     def describe_many(self, bench: Bench, models: dict[str, RetrievalModel], sizes: list[int], cache: bool = True):
         """``{label: (database (S, N, D), queries (S, Nq, D))}`` pooled, before whitening."""
-        cache = cache and self.dir is not None
-        out, todo = {}, {}
-        for label, m in models.items():
-            paths = [self._path(bench, m, sizes, part) for part in ("database", "queries")] if cache else []
-            if paths and all(p.exists() for p in paths):
-                out[label] = tuple(np.load(p) for p in paths)
-            else:
-                todo[label] = m
-        if todo:
-            t = time.perf_counter()
-            db = self._pass(bench.dataset.images, sizes, todo, f"{bench.name} database @{sizes}")
-            q = db if bench.dataset.query_is_database else \
-                self._pass(bench.dataset.queries, sizes, todo, f"{bench.name} queries @{sizes}")
-            print(f"  {bench.name}: one backbone pass for {len(todo)} heads, {time.perf_counter() - t:.0f} s",
-                  flush=True)
-            for label, m in todo.items():
-                out[label] = (db[label], q[label])
-                if not cache:
-                    continue
-                for part, x in (("database", db[label]), ("queries", q[label])):
-                    path = self._path(bench, m, sizes, part)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(".tmp.npy")
-                    np.save(tmp, x)
-                    tmp.replace(path)  # atomic: an interrupted run never leaves a half-written file
-        return out
+        return self.pool_dataset(bench.dataset, models, sizes, cache=cache, name=bench.name)
 
 
 def combine_scales(per_scale: np.ndarray, scale_weights=(1.0,), whitening=None) -> np.ndarray:
@@ -218,8 +180,8 @@ def check_against_describe(shared: SharedBackbone, bench: Bench, config: ModelCo
     small = RetrievalDataset(bench.name + "-check", [bench.dataset.images[i] for i in idx],
                              [bench.dataset.images[i] for i in idx], {"map": [{"ok": [i], "junk": []} for i in idx]})
     model = shared.model(ModelConfig.from_dict({**config.to_dict(), "image_sizes": [bench.size]}))
-    direct, _ = describe(model, small, None, str(shared.device), progress=False)
-    pooled = shared._pass(small.images, [bench.size], {"m": model}, "check")["m"]
+    direct, _ = describe(model, small, None, str(shared.device), progress=False, engine=shared.engine)
+    pooled = shared.pool(small.images, {"m": model}, [bench.size])["m"]
     return float(np.abs(direct - combine_scales(pooled)).max())
 
 

@@ -21,11 +21,19 @@ Weights
 ``weights_only=True``); ``weights="random"`` gives a randomly initialised
 network and must be asked for explicitly (tests).  Weights that cannot be found
 raise :class:`WeightsUnavailableError`; there is never a silent random model.
+
+Export
+------
+:class:`TraceableFeatures` wraps a backbone for tracing (OpenVINO, ONNX) so that
+one exported graph serves every input size; EfficientNet-Lite's TensorFlow
+"SAME" padding, which depends on the parity of the size, is computed without
+reading it (:func:`tf_same_conv2d`).  Eager calls keep the original numbers.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,14 +42,18 @@ from typing import Callable, Sequence
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = [
     "BACKBONES",
     "BackboneSpec",
     "FeatureBackbone",
+    "TFSameConv2d",
+    "TraceableFeatures",
     "WeightsUnavailableError",
     "build_backbone",
     "list_backbones",
+    "tf_same_conv2d",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -188,6 +200,132 @@ def _load_state(model: nn.Module, state: dict, source: str) -> None:
 # --------------------------------------------------------------------------- EfficientNet-Lite
 
 
+def _exporting() -> bool:
+    """True while a tracer or exporter records the graph (TorchScript trace, ONNX, dynamo / torch.export)."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow "SAME" padding ``(before, after)`` of one axis: the output has ``ceil(size / stride)`` samples."""
+    extent = (kernel - 1) * dilation + 1
+    total = max((math.ceil(size / stride) - 1) * stride + extent - size, 0)
+    return total // 2, total - total // 2
+
+
+def tf_same_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                   dilation: int = 1, groups: int = 1, mode: str = "eager",
+                   kernel_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A convolution with TensorFlow's "SAME" padding, as the EfficientNet-Lite checkpoints were trained.
+
+    At stride 1 the padding is ``(k-1)·d`` whatever the input size, a constant.
+    At stride 2 it depends on the parity of the size (even: one more zero after
+    than before; odd: as many on both sides): TF's sampling grid is anchored at
+    the *last* row and column.  ``mode`` says how that is computed:
+
+    * ``"eager"``: from the Python ints of ``x.shape``, exactly like
+      ``efficientnet_lite_pytorch``'s ``Conv2dDynamicSamePadding`` (same
+      numbers, bit for bit).  A traced or exported graph would freeze those
+      ints to the traced shape.
+    * ``"mirrored"``: ``x`` is the image flipped over H and W.  Mirrored, the
+      grid is anchored at the *first* row, where a symmetric ``(k-1)/2``
+      padding puts it, so ``conv(x, flip(w))`` with constant padding returns
+      the flipped result for every size (stride 2: odd kernels of 3 or more).
+      A whole network run this way on a flipped image needs one flip in and
+      one per output map (:class:`TraceableFeatures`).
+    * ``"traceable"``: each strided convolution alone, ``flip(mirrored(flip(x)))``.
+
+    ``kernel_size`` (ints) spares a tracer from reading ``weight.shape``.
+    """
+    if mode not in ("eager", "mirrored", "traceable"):
+        raise ValueError(f"mode must be eager, mirrored or traceable, got {mode!r}")
+    kh, kw = kernel_size or weight.shape[-2:]
+    eh, ew = (kh - 1) * dilation + 1, (kw - 1) * dilation + 1
+    constant = stride == 1 or (eh, ew) == (1, 1)  # a 1x1 kernel is never padded
+    if mode == "traceable" and not constant:
+        y = tf_same_conv2d(x.flip(-2, -1), weight, bias, stride, dilation, groups, "mirrored", kernel_size)
+        return y.flip(-2, -1)
+    if mode == "mirrored":
+        if stride != 1 and (stride != 2 or min(eh, ew) < 3 or eh % 2 == 0 or ew % 2 == 0):
+            raise NotImplementedError(f"no size-independent SAME padding for a {kh}x{kw} kernel at stride {stride}")
+        # stride 1: TF's (before, after) split, swapped by the mirror; stride 2, odd kernel: symmetric
+        pads = [(ew - 1) - (ew - 1) // 2, (ew - 1) // 2, (eh - 1) - (eh - 1) // 2, (eh - 1) // 2]
+        if pads[0] == pads[1] and pads[2] == pads[3]:  # the convolution pads itself
+            return F.conv2d(x, weight.flip(-2, -1), bias, stride, (pads[2], pads[0]), dilation, groups)
+        return F.conv2d(F.pad(x, pads), weight.flip(-2, -1), bias, stride, 0, dilation, groups)
+    if constant:  # read from no shape: the same in eager and traced graphs
+        pads = [(ew - 1) // 2, (ew - 1) - (ew - 1) // 2, (eh - 1) // 2, (eh - 1) - (eh - 1) // 2]
+    else:
+        pads = [*same_padding(x.shape[-1], kw, stride, dilation), *same_padding(x.shape[-2], kh, stride, dilation)]
+    if any(pads):  # F.pad, then an unpadded convolution, as the package does
+        x = F.pad(x, pads)
+    return F.conv2d(x, weight, bias, stride, 0, dilation, groups)
+
+
+class TFSameConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with TensorFlow "SAME" padding (:func:`tf_same_conv2d`) that exports for any input size.
+
+    Eager calls pad as ``efficientnet_lite_pytorch``'s ``Conv2dDynamicSamePadding``
+    does; while a tracer or exporter records the graph, the size-independent
+    ``"traceable"`` form is used, or ``"mirrored"`` when :class:`TraceableFeatures`
+    runs the network on a flipped image (``mirrored`` attribute).
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        if conv.stride[0] != conv.stride[1] or conv.dilation[0] != conv.dilation[1]:
+            raise ValueError(f"only square strides and dilations are supported, got {conv}")
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                         conv.groups, conv.bias is not None, device="meta")
+        self.weight, self.bias = conv.weight, conv.bias  # the same Parameters: weights stay shared
+        self.mirrored = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = "mirrored" if self.mirrored else "traceable" if _exporting() else "eager"
+        return tf_same_conv2d(x, self.weight, self.bias, self.stride[0], self.dilation[0], self.groups, mode,
+                              self.kernel_size)
+
+
+class TraceableFeatures(nn.Module):
+    """``images -> tuple of feature maps`` of ``layers``: a backbone ready to be traced or exported.
+
+    The graph it records does not depend on the input size, so one exported
+    model (OpenVINO, ONNX) serves every shape.  torchvision backbones pad
+    symmetrically and need nothing; a backbone with TF "SAME" convolutions
+    (EfficientNet-Lite) runs on the image flipped over H and W with every
+    convolution in ``"mirrored"`` mode, and its maps are flipped back: two
+    flips in all instead of two per strided convolution.  That needs every
+    other layer to commute with the flip, as EfficientNet-Lite's do (batch
+    norm, ReLU6, residual sums); ``tests/test_backbones.py`` checks it.
+    """
+
+    def __init__(self, backbone: FeatureBackbone, layers: Sequence[int | str]):
+        super().__init__()
+        self.backbone = backbone
+        self.layers = backbone.resolve_layers(layers)
+        self.convs = [m for m in backbone.modules() if isinstance(m, TFSameConv2d)]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.convs:
+            return tuple(self.backbone(images, self.layers).values())
+        for conv in self.convs:
+            conv.mirrored = True
+        try:
+            maps = self.backbone(images.flip(-2, -1), self.layers)
+        finally:
+            for conv in self.convs:
+                conv.mirrored = False
+        return tuple(m.flip(-2, -1) for m in maps.values())
+
+
+def _traceable_same_padding(net: nn.Module) -> None:
+    """Replace every ``Conv2dDynamicSamePadding`` of ``net`` by a :class:`TFSameConv2d` (same weights, same keys)."""
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv2dDynamicSamePadding):
+                setattr(parent, name, TFSameConv2d(child))
+
+
 def _efficientnet_lite(variant: int, weights: str | None) -> FeatureBackbone:
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -209,6 +347,7 @@ def _efficientnet_lite(variant: int, weights: str | None) -> FeatureBackbone:
         _load_state(net, _read_checkpoint(path), path)
     elif weights not in (None, "random"):
         _load_state(net, _read_checkpoint(weights), weights)
+    _traceable_same_padding(net)
 
     stages: OrderedDict[str, nn.Module] = OrderedDict()
     stages["stem"] = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())

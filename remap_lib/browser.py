@@ -3,7 +3,15 @@
 Pick a query by its thumbnail; see the top-k of two methods side by side,
 correct results framed green (paper Fig. 9); change the number of scales, the
 layers and the region weighting and watch the rankings and mAP change.
-Descriptors are computed on demand and cached per configuration.
+
+The widgets change only the pooling, never the CNN: the browser runs the
+backbone once, when it is built, and keeps the feature maps of layers 1 and 2
+of every database and query image (:class:`~remap_lib.shared_pass.FeatureMaps`:
+in memory up to ``max_map_bytes``, 1 GiB by default, beyond that in
+memory-mapped files in a temporary folder).  Every widget change re-pools those
+maps with the new head (well under a second on the demo set at 320 px,
+``benchmarks/browser.py``), and descriptors are cached per configuration, so
+going back to a setting is instant.
 
 The results are plain HTML (``<div class="remap-results" data-ranking="...">``),
 so that a browser test can read what is shown.
@@ -13,14 +21,16 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import numpy as np
 
 from .config import ModelConfig
 from .datasets import RetrievalDataset
-from .evaluate import describe, score
+from .evaluate import score
 from .images import load_thumbnail
 from .metrics import rank_database
+from .shared_pass import DEFAULT_MAP_MEMORY, SharedBackbone
 
 __all__ = ["QueryBrowser"]
 
@@ -41,10 +51,18 @@ class QueryBrowser:
         image_size: longer side of the images for the descriptors.
         kl_weights: optional :class:`~remap_lib.klw.KLWeights` for the "KL" weighting.
         top_k: results shown per method.
+        backbone: a built backbone (default: EfficientNet-Lite0, ImageNet weights).
+        engine, precision, device: how the one backbone pass runs (:func:`remap_lib.engine.create_engine`).
+        max_map_bytes: feature maps kept in memory; the rest go to disk (see the module docstring).
+
+    ``build_seconds`` is how long the backbone pass took.
     """
 
+    LAYERS = (1, 2)  # the layers the widgets can choose from: their maps are kept
+
     def __init__(self, dataset: RetrievalDataset, image_size: int = 320, kl_weights=None, top_k: int = 5,
-                 backbone=None):
+                 backbone=None, engine: str = "auto", precision: str = "f32", device: str = "auto",
+                 max_map_bytes: int = DEFAULT_MAP_MEMORY):
         from .backbones import build_backbone
 
         self.dataset, self.image_size, self.kl, self.top_k = dataset, image_size, kl_weights, top_k
@@ -53,30 +71,47 @@ class QueryBrowser:
         self._thumbs: dict[tuple, str] = {}
         self.query = 0
         self.scales, self.layers, self.weighting = 4, "1+2", "uniform"
+        t = time.perf_counter()
+        shared = SharedBackbone(self.backbone, device, engine, precision)
+        specs = dataset.images if dataset.query_is_database else dataset.images + dataset.queries
+        self.maps = shared.keep_maps(specs, [image_size], self.LAYERS, max_bytes=max_map_bytes)
+        self.build_seconds = time.perf_counter() - t
         self._build_widgets()
 
     # ---------------------------------------------------------------- descriptors
-    def _descriptors(self, head: str):
-        layers = [1] if head == "rmac" or self.layers == "1" else [1, 2]
-        weighting = self.weighting if head == "remap" else "uniform"
-        key = (head, self.scales, tuple(layers), weighting)
-        if key not in self.cache:
-            from .model import RetrievalModel
+    def _setting(self, head: str) -> tuple[int, tuple[int, ...], str]:
+        """What the widgets set for ``head``: (scales, layers, weighting); R-MAC is layer 1, uniform."""
+        if head == "rmac":
+            return self.scales, (1,), "uniform"
+        return self.scales, (1,) if self.layers == "1" else (1, 2), self.weighting
 
-            cfg = ModelConfig(head=head, layers=layers, levels=self.scales, image_sizes=[self.image_size])
-            model = RetrievalModel(cfg, self.backbone)
-            if weighting == "KL":
-                if self.kl is None:
-                    raise ValueError("no KL weights were given to the browser")
-                if self.kl.model["levels"] != self.scales:
-                    raise ValueError(f"the KL weights are for S = {self.kl.model['levels']} scales")
-                model.set_region_weights({layer: self.kl.weights[layer] for layer in model.layers})
-            db, q = describe(model, self.dataset, None, progress=False)
+    def model(self, head: str):
+        """The model the widgets ask for now (``"rmac"`` or ``"remap"``)."""
+        from .model import RetrievalModel
+
+        scales, layers, weighting = self._setting(head)
+        model = RetrievalModel(ModelConfig(head=head, layers=list(layers), levels=scales,
+                                           image_sizes=[self.image_size]), self.backbone)
+        if weighting == "KL":
+            if self.kl is None:
+                raise ValueError("no KL weights were given to the browser")
+            if self.kl.model["levels"] != scales:
+                raise ValueError(f"the KL weights are for S = {self.kl.model['levels']} scales")
+            model.set_region_weights({layer: self.kl.weights[layer] for layer in model.layers})
+        return model
+
+    def descriptors(self, head: str) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(database, queries, mAP)`` under the current settings, pooled from the kept maps (no backbone)."""
+        key = (head, *self._setting(head))
+        if key not in self.cache:
+            rows = self.maps.describe(self.model(head))
+            n = len(self.dataset.images)
+            db, q = rows[:n], (rows[:n] if self.dataset.query_is_database else rows[n:])
             self.cache[key] = (db, q, score(self.dataset, db, q)[self.dataset.primary]["map"])
         return self.cache[key]
 
     def ranking(self, head: str) -> list[int]:
-        db, q, _ = self._descriptors(head)
+        db, q, _ = self.descriptors(head)
         return rank_database(q[self.query:self.query + 1], db, self.top_k)[0].tolist()
 
     # ---------------------------------------------------------------- rendering
@@ -95,7 +130,7 @@ class QueryBrowser:
         for head, label in (("rmac", "R-MAC"), ("remap", f"REMAP (layers {self.layers}, {self.weighting})")):
             ranking = self.ranking(head)
             rankings[head] = ranking
-            _, _, m = self._descriptors(head)
+            _, _, m = self.descriptors(head)
             cells = "".join(self._img(self.dataset.images[i],
                                       COLOURS[result_status(self.dataset, self.dataset.primary, self.query, i)])
                             for i in ranking)

@@ -7,6 +7,7 @@
     remap evaluate -d DATASET -m METHOD  methods x datasets -> table (CSV/JSON)
     remap klw -d DATASET -o klw.json     KL-divergence region weights from a dataset with groups
     remap train --config FILE            fine-tune with triplets and hard negatives (resumes)
+    remap verify-pairs DATASET -o CSV    training pairs verified by SIFT + RANSAC inliers (paper §IV-A)
     remap index build|add|search         faiss index of extracted descriptors (Flat, PQ, IVF-PQ...)
     remap demo-data                      build the embedded demo benchmark
     remap download NAME --root DIR       fetch a standard benchmark (online users)
@@ -333,28 +334,64 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_verify_pairs(args) -> int:
+    from .verification import MatchSettings, verify_pairs
+
+    _check_output_file(args.out)
+    if args.min_inliers > args.max_inliers:
+        raise ValueError(f"--min-inliers {args.min_inliers} is above --max-inliers {args.max_inliers}")
+    cache = args.cache or os.path.splitext(args.out)[0] + ".cache.jsonl"
+    settings = MatchSettings(max_side=args.max_side, method=args.method, ransac_threshold=args.ransac_threshold)
+    result = verify_pairs(args.dataset, pairs_per_group=args.pairs_per_group, min_inliers=args.min_inliers,
+                          max_inliers=args.max_inliers, drop_unverified=args.drop_unverified,
+                          clean_tries=args.clean_tries, seed=args.seed, settings=settings, cache=cache,
+                          workers=args.workers, progress=not args.quiet)
+    csv_path, report = result.save(args.out)
+    groups = result.per_group()
+    width = max(len(g) for g in groups)
+    print(f"{'group':{width}s} images dropped sampled  kept too_easy too_hard failed")
+    for g, c in groups.items():
+        print(f"{g:{width}s} {c['images']:6d} {c['dropped']:7d} {c['sampled']:7d} {c['kept']:5d} {c['too_easy']:8d} "
+              f"{c['too_hard']:8d} {c['failed']:6d}")
+    c = result.counts()
+    print(f"{c['sampled']} pairs sampled in {len(groups)} groups: {c['kept']} kept "
+          f"({args.min_inliers} <= inliers <= {args.max_inliers}), {c['too_easy']} too easy, "
+          f"{c['too_hard']} too hard, {c['failed']} failed")
+    print(f"{len(result.dropped)} images dropped by noise cleaning"
+          + ("" if args.drop_unverified else " (off; --drop-unverified)")
+          + f"; {len(result.failed)} unreadable images" + (f" (listed in {report})" if result.failed else ""))
+    print(f"wall time {result.seconds:.1f} s; wrote {csv_path} (kept pairs: "
+          f"remap_lib.verification.load_pairs), {report} and cache {cache}")
+    return 0
+
+
 def cmd_index(args) -> int:
     from .extract import extract_descriptors, load_descriptors
     from .index import RetrievalIndex
 
     if args.action == "build":
+        from .index import DEFAULT_REFINE_K, DescriptorSource
+
         _check_output_file(args.index)
-        desc = load_descriptors(args.descriptors)
-        if not len(desc.paths):
+        if args.on_disk and args.refine:
+            raise ValueError("--refine keeps its codes in memory; it cannot be combined with --on-disk")
+        if args.shards > 1 and not args.on_disk:
+            raise ValueError("--shards splits an --on-disk build into parallel sub-indexes; add --on-disk")
+        source = DescriptorSource.open(args.descriptors)  # streamed in chunks, checked against manifest.json
+        if not len(source):
             raise ValueError(f"{args.descriptors} holds no descriptors")
-        dim = args.truncate or desc.descriptors.shape[1]
-        if dim > desc.descriptors.shape[1]:
-            raise ValueError(f"--truncate {dim} exceeds the descriptors' dimension {desc.descriptors.shape[1]}")
-        index = RetrievalIndex.for_descriptors(desc.config, dim, args.factory, args.truncate)
-        index.nprobe = args.nprobe
-        train = desc.descriptors
-        if args.train_sample and len(train) > args.train_sample:
-            train = train[np.random.default_rng(0).choice(len(train), args.train_sample, replace=False)]
-        index.train(train)
-        index.add(desc.descriptors, desc.paths)
-        index.save(args.index)
-        print(f"{args.factory} index of {len(index)} images ({dim}-d, {index.bytes_per_vector():.0f} bytes of code "
-              f"each) saved to {args.index}")
+        if args.truncate and args.truncate > source.dim:
+            raise ValueError(f"--truncate {args.truncate} exceeds the descriptors' dimension {source.dim}")
+        options = dict(truncate=args.truncate, nprobe=args.nprobe, train_size=args.train_sample, chunk=args.chunk,
+                       use_gpu=args.gpu, progress=not args.quiet)
+        if args.on_disk:
+            index = RetrievalIndex.build_on_disk(source, args.index, args.factory, shards=args.shards, **options)
+        else:
+            index = RetrievalIndex.build(source, args.factory, refine=args.refine,
+                                         refine_k=args.refine_k or DEFAULT_REFINE_K, **options)
+            index.save(args.index)
+        print(f"{index.describe()} index of {len(index)} images ({index.dim}-d, {index.bytes_per_vector():.0f} bytes "
+              f"of code each) saved to {args.index}" + (f" and {args.index}.ivfdata" if index.on_disk else ""))
         return 0
     index = RetrievalIndex.load(args.index)
     if args.action == "add":
@@ -560,6 +597,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="override: auto, cpu, cuda")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("verify-pairs", help="sample training pairs per group and keep those whose SIFT + RANSAC "
+                       "inliers lie within bounds (paper Sec. IV-A)")
+    p.add_argument("dataset", help="folder of <group>/<image> (e.g. ../shared/data/landmarks_fr), CSV of "
+                   "image,group, UKBench or Holidays")
+    p.add_argument("-o", "--out", required=True, help="pairs CSV: query,positive,group,inliers,status "
+                   "(and OUT.json: settings, counts, dropped and unreadable images)")
+    p.add_argument("--pairs-per-group", type=positive_int, default=50, help="random pairs per group (paper: 50)")
+    p.add_argument("--min-inliers", type=nonnegative_int, default=5,
+                   help="fewer inliers: too hard, dropped (paper: 5)")
+    p.add_argument("--max-inliers", type=nonnegative_int, default=30,
+                   help="more inliers: too easy (near duplicates), dropped (paper: 30)")
+    p.add_argument("--drop-unverified", action="store_true",
+                   help="noise cleaning first: drop images verified against no other image of their group")
+    p.add_argument("--clean-tries", type=positive_int, default=10,
+                   help="with --drop-unverified: other images of its group each image is matched against, at most")
+    p.add_argument("--max-side", type=positive_int, default=1024, help="longer side images are shrunk to for SIFT")
+    p.add_argument("--method", choices=("homography", "fundamental"), default="homography",
+                   help="geometric model fitted with RANSAC")
+    p.add_argument("--ransac-threshold", type=float, default=None,
+                   help="pixels (default 4 for a homography, 2 for a fundamental matrix)")
+    p.add_argument("--workers", type=worker_count, default=None, help="processes (default: one per core; 0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="JSON-lines file of finished counts, to resume "
+                   "(default OUT without its extension + .cache.jsonl)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify_pairs)
+
     p = sub.add_parser("index", help="build, extend or search a faiss index of descriptors")
     isub = p.add_subparsers(dest="action", required=True)
     q = isub.add_parser("build", help="index a folder written by `remap extract`")
@@ -567,8 +631,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--index", required=True, help="index file to write")
     q.add_argument("--factory", default="Flat", help='faiss factory string: "Flat", "PQ16", "IVF1024,PQ16", ...')
     q.add_argument("--truncate", type=positive_int, default=None, help="keep the first D dimensions (e.g. 128)")
-    q.add_argument("--train-sample", type=positive_int, default=200_000, help="vectors used to train the quantisers")
+    q.add_argument("--train-size", "--train-sample", dest="train_sample", type=positive_int, default=200_000,
+                   help="random vectors the quantisers are trained on")
     q.add_argument("--nprobe", type=positive_int, default=16, help="IVF lists visited per query (stored as default)")
+    q.add_argument("--chunk", type=positive_int, default=None,
+                   help="vectors read and added at a time (default: 64 MiB of them)")
+    q.add_argument("--refine", default=None, metavar="CODES",
+                   help='re-rank the shortlist with finer codes: "SQ8" (1 byte a dimension), "Flat" (float32)')
+    q.add_argument("--refine-k", type=positive_int, default=None,
+                   help="with --refine: shortlist of k * REFINE_K candidates (default 8)")
+    q.add_argument("--on-disk", action="store_true",
+                   help="IVF factories: inverted lists in INDEX.ivfdata, searched memory-mapped")
+    q.add_argument("--shards", type=positive_int, default=1,
+                   help="with --on-disk: sub-indexes built in parallel processes, then merged")
+    q.add_argument("--gpu", action="store_true", help="train and add on the GPU (needs faiss-gpu)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     q = isub.add_parser("add", help="add the descriptors of another extraction folder")
     q.add_argument("index")
     q.add_argument("descriptors")

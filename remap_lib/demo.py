@@ -3,7 +3,8 @@
 1. build the embedded demo set from packaged photographs (:mod:`remap_lib.demo_data`);
 2. describe it with EfficientNet-Lite0 off the shelf under MAC, SPoC, GeM,
    R-MAC and REMAP (two layers, 40 regions, α = 1 until KL weights exist), and
-   a colour-histogram baseline;
+   a colour-histogram baseline; the five heads share one backbone pass
+   (:func:`~remap_lib.evaluate.evaluate` groups them, :mod:`remap_lib.shared_pass`);
 3. print the table (mAP %, overall and per challenge) and save it as CSV/JSON
    with the configs, plus a picture of queries with their top results framed
    green when correct (the paper's Fig. 9).

@@ -12,8 +12,8 @@ from .datasets import RetrievalDataset
 from .images import load_spec, load_thumbnail
 from .metrics import rank_database
 
-__all__ = ["activation_maps", "kl_weight_map", "plot_distance_histograms", "plot_kl_weights", "plot_query_results",
-           "plot_region_grid", "result_status"]
+__all__ = ["ACTIVATION_SUMMARIES", "activation_maps", "kl_weight_map", "plot_distance_histograms", "plot_kl_weights",
+           "plot_query_results", "plot_region_grid", "plot_region_scale", "result_status"]
 
 COLOURS = {"ok": "#1a9641", "wrong": "#d7191c", "junk": "#999999"}
 
@@ -128,9 +128,20 @@ def kl_weight_map(weights: np.ndarray, levels: int, height: int, width: int, ful
 
 
 def plot_kl_weights(klw, image=None, path: str | os.PathLike | None = None):
-    """Paper Fig. 2(f) and a heat map: each layer's region weights as bars and drawn over an image."""
+    """Paper Fig. 2(f) and a heat map: each layer's region weights as bars and drawn over an image.
+
+    Bars are coloured by scale, in the colours of :func:`plot_region_grid`, so
+    a weight can be traced to the size of its region.
+    """
+    from matplotlib.patches import Patch
+
+    from .functional import rmac_regions
+    from .pooling import REFERENCE_MAP
+
     layers = list(klw.weights)
     levels, full_map = klw.model["levels"], klw.model["full_map"]
+    _, scale_of = rmac_regions(*REFERENCE_MAP, levels, full_map=full_map, return_levels=True)
+    bar_colours = ["#888888" if lv == 0 else SCALE_COLOURS[(lv - 1) % len(SCALE_COLOURS)] for lv in scale_of.tolist()]
     fig, axes = plt.subplots(len(layers), 2, figsize=(11, 3.3 * len(layers)), squeeze=False,
                              gridspec_kw={"width_ratios": [1.4, 1]})
     img = None
@@ -139,9 +150,13 @@ def plot_kl_weights(klw, image=None, path: str | os.PathLike | None = None):
         img = np.asarray(img.resize((512, 384)))
     for row, layer in zip(axes, layers):
         w = klw.weights[layer]
-        row[0].bar(np.arange(len(w)), w, color="#2b83ba")
-        row[0].set_title(f"{layer}: KL weight per region (region index, level by level)", fontsize=9)
-        row[0].set_xlabel("region", fontsize=8)
+        row[0].bar(np.arange(len(w)), w, color=bar_colours if len(bar_colours) == len(w) else "#2b83ba",
+                   edgecolor="#333333", linewidth=0.4)
+        row[0].set_title(f"{layer}: KL weight per region", fontsize=9)
+        row[0].set_xlabel("region (scale by scale, row by row within a scale)", fontsize=8)
+        row[0].legend(handles=[Patch(facecolor=SCALE_COLOURS[(lv - 1) % len(SCALE_COLOURS)], edgecolor="#333333",
+                                     label=f"scale {lv}") for lv in range(1, levels + 1)],
+                      fontsize=7, ncol=levels, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
         heat = kl_weight_map(w, levels, 384, 512, full_map)
         if img is not None:
             row[1].imshow(img)
@@ -174,11 +189,26 @@ def figure_png(fig, dpi: int = 80) -> bytes:
     return buf.getvalue()
 
 
-def plot_region_grid(image, levels: int, ax=None, map_size: tuple[int, int] | None = None):
-    """The R-MAC region grid of ``levels`` scales drawn over an image (one colour per level).
+# One bright colour per scale (the same in every panel and in the slider), visible on dark and light photos.
+SCALE_COLOURS = ("#00c8ff", "#ff9d00", "#8cff00", "#ff3ca0", "#fff000", "#b070ff")
 
-    The grid is computed on the feature map the image gives at stride 32
-    (``map_size`` overrides), then scaled to the picture.
+
+def _feature_map_size(image, map_size: tuple[int, int] | None) -> tuple[int, int]:
+    """``(height, width)`` in cells of the map the image gives at stride 32 (or ``map_size``)."""
+    w, h = image.size
+    return map_size or (max(1, round(h / 32)), max(1, round(w / 32)))
+
+
+def plot_region_scale(image, levels: int, level: int, ax=None, map_size: tuple[int, int] | None = None,
+                      highlight: int | None = None):
+    """The regions of one scale (``level``) of the ``levels``-scale R-MAC grid, over the image.
+
+    Every region of the scale is a translucent fill, so a point covered by
+    several overlapping squares is darker; one region (``highlight``: its
+    index within the scale, default the one nearest the centre) is outlined,
+    so its size reads at a glance.  The grid is the one of the map the image gives at
+    stride 32 (``map_size`` overrides, e.g. ``(24, 32)`` for the paper's
+    1024×768 input), scaled to the picture.
     """
     from matplotlib.patches import Rectangle
 
@@ -186,30 +216,84 @@ def plot_region_grid(image, levels: int, ax=None, map_size: tuple[int, int] | No
 
     img = _as_image(image)
     w, h = img.size
-    mh, mw = map_size or (max(1, round(h / 32)), max(1, round(w / 32)))
+    mh, mw = _feature_map_size(img, map_size)
     boxes, lv = rmac_regions(mh, mw, levels, return_levels=True)
+    mine = boxes[lv == level].tolist()
+    if not mine:
+        raise ValueError(f"scale {level} is not in the {levels}-scale grid of a {mh}x{mw} map")
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 6 * h / w))
+        _, ax = plt.subplots(figsize=(5, 5 * h / w))
     ax.imshow(np.asarray(img))
-    colours = plt.cm.viridis(np.linspace(0, 0.9, levels))
+    colour = SCALE_COLOURS[(level - 1) % len(SCALE_COLOURS)]
     sx, sy = w / mw, h / mh
-    for (x0, y0, x1, y1), level in zip(boxes.tolist(), lv.tolist()):
-        ax.add_patch(Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False, lw=1.5,
-                               edgecolor=colours[level - 1], alpha=0.9))
-    ax.set_title(f"S = {levels} scales: {len(boxes)} regions on a {mh}x{mw} map", fontsize=10)
+    for x0, y0, x1, y1 in mine:
+        ax.add_patch(Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, facecolor=colour, alpha=0.2,
+                               edgecolor=colour, lw=1))
+    if highlight is None:  # the region nearest the centre of the map
+        highlight = int(np.argmin([abs(a + c - mw) + abs(b + d - mh) for a, b, c, d in mine]))
+    x0, y0, x1, y1 = mine[highlight]
+    for lw, edge in ((5, "black"), (2.5, colour)):  # a dark halo keeps the outline visible on light photos
+        ax.add_patch(Rectangle((x0 * sx, y0 * sy), (x1 - x0) * sx, (y1 - y0) * sy, fill=False, lw=lw,
+                               edgecolor=edge))
+    side = mine[0][2] - mine[0][0]
+    ax.set_title(f"scale {level} of {levels}: {len(mine)} regions of {side}x{side} cells", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
     return ax
 
 
-def activation_maps(model, image, size: int = 512) -> dict[str, np.ndarray]:
-    """Per layer of ``model``, the maximum activation over channels at each position (paper Fig. 3)."""
+def plot_region_grid(image, levels: int, map_size: tuple[int, int] | None = None, axes=None,
+                     path: str | os.PathLike | None = None):
+    """The R-MAC grid of ``levels`` scales, one panel per scale (:func:`plot_region_scale`).
+
+    All scales in one picture are 8 to 70 overlapping outlines, an unreadable
+    mesh from S = 3 on; one panel per scale shows each scale's size, count and
+    overlap.  Returns the figure.
+    """
+    from .functional import rmac_regions
+
+    img = _as_image(image)
+    mh, mw = _feature_map_size(img, map_size)
+    if axes is None:
+        w, h = img.size
+        fig, axes = plt.subplots(1, levels, figsize=(3.6 * levels, 3.6 * h / w + 0.6), squeeze=False)
+        axes = axes[0]
+    fig = axes[0].figure
+    for level, ax in zip(range(1, levels + 1), axes):
+        plot_region_scale(img, levels, level, ax, (mh, mw))
+    total = len(rmac_regions(mh, mw, levels))
+    fig.suptitle(f"S = {levels} scales: {total} regions on a {mh}x{mw} feature map (one region of each scale "
+                 "outlined)", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=80)
+    return fig
+
+
+ACTIVATION_SUMMARIES = ("max", "mean", "l2")
+
+
+def activation_maps(model, image, size: int = 512, summary: str = "l2") -> dict[str, np.ndarray]:
+    """Per layer of ``model``, one number per feature-map cell summarising its channels (paper Fig. 3).
+
+    ``summary``:
+
+    * ``"l2"`` (default): the L2 norm of the cell's channel vector — how much
+      the cell contributes to a max- or sum-pooled descriptor;
+    * ``"mean"``: the mean over channels (CroW's spatial weight, Kalantidis et al. 2016);
+    * ``"max"``: the maximum over channels.  Uninformative for a layer capped
+      by ReLU6 (EfficientNet-Lite's layer 1): nearly every cell has some
+      channel at the cap of 6, so the map is flat.
+    """
     import torch
 
     from .images import resize_longer_side, to_tensor
 
+    if summary not in ACTIVATION_SUMMARIES:
+        raise ValueError(f"summary must be one of {ACTIVATION_SUMMARIES}, got {summary!r}")
     img = _as_image(image)
     x = to_tensor(resize_longer_side(img, size))[None].to(model.device)
     with torch.no_grad():
         maps = model.feature_maps(x)
-    return {layer: m[0].amax(0).cpu().numpy() for layer, m in maps.items()}
+    reduce = {"max": lambda m: m.amax(0), "mean": lambda m: m.mean(0), "l2": lambda m: m.norm(dim=0)}[summary]
+    return {layer: reduce(m[0].float()).cpu().numpy() for layer, m in maps.items()}

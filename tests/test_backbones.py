@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from remap_lib.backbones import BACKBONES, WeightsUnavailableError, build_backbone
+from remap_lib.backbones import (BACKBONES, TFSameConv2d, TraceableFeatures, WeightsUnavailableError, build_backbone,
+                                 tf_same_conv2d)
 from remap_lib.images import load_image, resize_longer_side, to_tensor
 
 EGYPTIAN_CAT, TABBY, TIGER_CAT = 285, 281, 282
@@ -41,6 +42,36 @@ def test_layer_access_returns_named_maps_and_stops_at_the_deepest(lite0):
 def test_same_padding_keeps_every_row_at_any_size(lite0):
     # the package's default (image_size=224) would drop a row at other sizes
     assert lite0(torch.rand(1, 3, 100, 300), ["head"])["head"].shape[-2:] == (4, 10)
+
+
+@pytest.mark.parametrize("kernel,stride,groups", [(1, 1, 1), (1, 2, 1), (3, 1, 8), (3, 2, 1), (3, 2, 8),
+                                                  (5, 1, 8), (5, 2, 8)])
+def test_tf_same_padding_keeps_the_packages_numbers_and_traces_for_any_size(kernel, stride, groups):
+    from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
+
+    torch.manual_seed(0)
+    package = Conv2dDynamicSamePadding(8, 8, kernel, stride=stride, groups=groups)
+    ours = TFSameConv2d(package)
+    for h, w in [(1, 1), (2, 3), (7, 9), (8, 10), (97, 131), (120, 160)]:
+        x = torch.randn(2, 8, h, w)
+        with torch.no_grad():
+            expected = package(x)
+            assert torch.equal(ours(x), expected)  # eager: bit for bit
+            traceable = tf_same_conv2d(x, package.weight, package.bias, stride, 1, groups, "traceable")
+        assert traceable.shape == expected.shape
+        assert (traceable - expected).abs().max() <= 2e-6 * expected.abs().max()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
+def test_one_traced_lite0_serves_odd_and_even_sizes(lite0):
+    layers = lite0.resolve_layers([1, 2])
+    with torch.no_grad():
+        traced = torch.jit.trace(TraceableFeatures(lite0, layers), torch.rand(1, 3, 64, 64), check_trace=False)
+        for h, w in [(97, 131), (120, 160), (33, 48)]:
+            x = torch.rand(1, 3, h, w)
+            for got, expected in zip(traced(x), lite0(x, layers).values()):
+                assert got.shape == expected.shape
+                assert (got - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max())
 
 
 def test_unknown_layers_and_backbones_are_clear_errors(lite0):

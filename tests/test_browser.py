@@ -291,3 +291,50 @@ def test_query_browser_in_jupyterlab(browser_tools, lab):
                 print(f"screenshot: {ARTIFACT}")
         finally:
             chrome.close()
+
+
+def test_widget_changes_repool_the_kept_maps_without_the_backbone(photo_dir):
+    """The browser's one backbone pass is its build: scales, layers and weighting only re-pool the kept maps."""
+    import numpy as np
+    import torch
+
+    from remap_lib.backbones import build_backbone
+    from remap_lib.browser import QueryBrowser
+    from remap_lib.datasets import RetrievalDataset
+    from remap_lib.evaluate import describe
+    from remap_lib.images import ImageSpec
+    from remap_lib.klw import KLWeights
+    from remap_lib.pooling import region_count
+
+    torch.manual_seed(0)
+    backbone = build_backbone("efficientnet_lite0", weights="random")
+    calls = [0]
+    backbone.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    photos = [ImageSpec(str(p)) for p in sorted(photo_dir.glob("*.png"))]
+    queries = [ImageSpec(photos[1].path, box=(10, 5, 110, 80)), photos[4]]
+    ds = RetrievalDataset("photos", photos, queries, {"map": [{"ok": [1], "junk": []}, {"ok": [3], "junk": [4]}]})
+    layers = backbone.resolve_layers([1, 2])
+    alpha = {layer: np.linspace(0.2, 2.0, region_count(3)).astype(np.float32) for layer in layers}
+    klw = KLWeights(alpha, {"backbone": "efficientnet_lite0", "levels": 3, "full_map": False}, {})
+    browser = QueryBrowser(ds, image_size=96, kl_weights=klw, backbone=backbone, engine="torch", device="cpu")
+    built = calls[0]
+    assert built == 4  # database (96×96, 96×64) and queries (crop 96×70, 96×64): one batch each
+    for change in (lambda: browser.set_scales(3), lambda: browser._set(layers="1"),
+                   lambda: browser._set(layers="1+2"), lambda: browser._set(weighting="KL"), lambda: browser.select(1)):
+        calls[0] = 0
+        change()
+        shown = {head: browser.descriptors(head) for head in ("rmac", "remap")}
+        assert calls[0] == 0  # re-pooled, no CNN
+        for head, (db, q, _) in shown.items():
+            expected = describe(browser.model(head), ds, None, "cpu", progress=False, engine="torch")
+            np.testing.assert_allclose(db, expected[0], atol=1e-6)
+            np.testing.assert_allclose(q, expected[1], atol=1e-6)
+    # pooled once per setting shown: the first view (S = 4), then S = 3, layer 1 alone, KL weights
+    assert set(browser.cache) == {("rmac", 4, (1,), "uniform"), ("remap", 4, (1, 2), "uniform"),
+                                  ("rmac", 3, (1,), "uniform"), ("remap", 3, (1, 2), "uniform"),
+                                  ("remap", 3, (1,), "uniform"), ("remap", 3, (1, 2), "KL")}
+    kl, uniform = browser.descriptors("remap")[0], describe(browser.model("remap"), ds, None, "cpu",
+                                                            progress=False, engine="torch")[0]
+    assert browser.weighting == "KL" and not np.allclose(kl, browser.cache[("remap", 3, (1, 2), "uniform")][0])
+    np.testing.assert_allclose(kl, uniform, atol=1e-6)  # model() carries the KL α
+    assert 'data-scales="3"' in browser.output.value and 'data-query="1"' in browser.output.value

@@ -14,7 +14,7 @@ from remap_lib.config import ModelConfig
 from remap_lib.datasets import RetrievalDataset, load_folder_groups
 from remap_lib.evaluate import COLOUR_HISTOGRAM, colour_histograms, evaluate, format_table, score
 from remap_lib.images import ImageSpec
-from remap_lib.plots import plot_query_results, result_status
+from remap_lib.plots import activation_maps, plot_query_results, plot_region_grid, result_status
 
 
 def test_colour_histogram_of_solid_colours(tmp_path):
@@ -73,6 +73,45 @@ def test_evaluate_saves_table_configs_and_per_query_aps(tmp_path, photo_dir, lit
     assert np.isnan(aps[[i.path.endswith("chelsea.png") for i in ds.queries].index(True)])
     table = format_table(res)
     assert "g/map" in table and table.splitlines()[1].startswith("mac")
+
+
+def test_five_heads_on_one_backbone_run_the_cnn_once_and_equal_the_per_method_path(tmp_path, photo_dir):
+    import torch
+
+    from remap_lib.backbones import build_backbone
+    from remap_lib.evaluate import describe
+    from remap_lib.model import RetrievalModel
+
+    torch.manual_seed(0)
+    backbone = build_backbone("efficientnet_lite0", weights="random")
+    calls = [0]
+    backbone.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    photos = [ImageSpec(str(p)) for p in sorted(photo_dir.glob("*.png"))]
+    queries = [ImageSpec(photos[1].path, box=(10, 5, 110, 80)), photos[4]]  # a crop of chelsea, a motorcycle
+    ds = RetrievalDataset("photos", photos, queries, {"map": [{"ok": [1], "junk": []}, {"ok": [3], "junk": [4]}]})
+    methods = {h: RetrievalModel(ModelConfig(head=h, weights="random", levels=3, image_sizes=[96]), backbone)
+               for h in ("mac", "spoc", "gem", "rmac", "remap")}
+    methods["colour"] = COLOUR_HISTOGRAM
+    cache = tmp_path / "cache"
+    res = evaluate(methods, {"photos": ds}, cache_dir=cache, progress=False, engine="torch")
+    one_pass = calls[0]
+    # database: a 96×96 batch and a 96×64 batch; queries: the crop (96×70) and the motorcycle (96×64)
+    assert one_pass == 4
+    calls[0] = 0
+    for r in res:
+        method = methods[r.method]
+        db, q = describe(method, ds, None, "cpu", progress=False, engine="torch")
+        np.testing.assert_allclose(r.descriptors[0], db, atol=1e-6)
+        np.testing.assert_allclose(r.descriptors[1], q, atol=1e-6)
+        assert r.scores["map"]["map"] == pytest.approx(score(ds, db, q)["map"]["map"], abs=1e-6)
+    assert calls[0] == 5 * one_pass  # what evaluate paid before: one pass per head
+    # the shared pass wrote each head's extraction folder: describe() and evaluate() read it back, no CNN
+    calls[0] = 0
+    db, q = describe(methods["remap"], ds, cache, "cpu", progress=False, engine="torch")
+    np.testing.assert_array_equal(db, res[4].descriptors[0])
+    again = evaluate(methods, {"photos": ds}, cache_dir=cache, progress=False, engine="torch")
+    assert calls[0] == 0
+    assert [r.scores for r in again] == [r.scores for r in res]
 
 
 def test_plot_marks_correct_results(tmp_path, photo_dir):
@@ -168,3 +207,45 @@ def test_figure_png_is_a_png_of_the_figure_and_closes_it():
     with Image.open(io.BytesIO(data)) as img:
         assert img.width <= 200 and img.height <= 150 and img.width > img.height  # bbox-tight 4x3 in at 50 dpi
     assert not plt.fignum_exists(fig.number)
+
+
+def test_region_grid_has_one_panel_per_scale_with_translucent_regions_and_one_outlined(photo_dir):
+    from remap_lib.functional import rmac_regions
+
+    fig = plot_region_grid(ImageSpec(str(photo_dir / "coffee.png")), 4, map_size=(24, 32))
+    _, scale_of = rmac_regions(24, 32, 4, return_levels=True)
+    counts = [int((scale_of == s).sum()) for s in range(1, 5)]
+    assert counts == [2, 6, 12, 20] and len(fig.axes) == 4
+    for scale, (ax, n) in enumerate(zip(fig.axes, counts), start=1):
+        fills = [p for p in ax.patches if p.get_fill()]
+        outlines = [p for p in ax.patches if not p.get_fill()]
+        assert len(fills) == n and all(p.get_alpha() == pytest.approx(0.2) for p in fills)
+        assert len(outlines) == 2  # the highlighted region: a dark halo under a coloured line
+        assert ax.get_title().startswith(f"scale {scale} of 4: {n} regions")
+    # the region outlined at scale 4 is 9 of the map's 32 columns wide (side floor(2 * 24 / 5))
+    assert outlines[0].get_width() == pytest.approx(9 / 32 * Image.open(photo_dir / "coffee.png").width)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_activation_summaries_and_why_max_is_not_the_default(photo_dir, lite0):
+    import torch
+
+    from remap_lib.images import resize_longer_side, to_tensor
+    from remap_lib.model import RetrievalModel
+
+    model = RetrievalModel(ModelConfig(head="remap", layers=[1, 2]), lite0)
+    img = Image.open(photo_dir / "astronaut.png")
+    with torch.no_grad():
+        maps = model.feature_maps(to_tensor(resize_longer_side(img, 256))[None])
+    got = {s: activation_maps(model, img, 256, s) for s in ("max", "mean", "l2")}
+    for layer, m in maps.items():
+        np.testing.assert_allclose(got["l2"][layer], m[0].norm(dim=0).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(got["mean"][layer], m[0].mean(0).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["max"][layer], m[0].amax(0).numpy())
+    top, norm = got["max"]["head"], got["l2"]["head"]
+    assert top.shape == (8, 8) and (top >= 6).mean() > 0.8  # layer 1 ends in ReLU6: the max is capped almost everywhere
+    assert norm.std() / norm.mean() > 5 * top.std() / top.mean()  # the L2 norm still varies across the image
+    with pytest.raises(ValueError, match="summary"):
+        activation_maps(model, img, 256, "median")

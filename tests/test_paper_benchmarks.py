@@ -11,7 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from _paper import Bench, SharedBackbone, combine_scales, disjoint_whitening, scores_row  # noqa: E402
+from _paper import (Bench, SharedBackbone, combine_scales, disjoint_whitening, held_out_ukbench,  # noqa: E402
+                    scores_row)
 from remap_lib.backbones import build_backbone  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
 from remap_lib.datasets import RetrievalDataset  # noqa: E402
@@ -72,14 +73,15 @@ def test_scores_row_hand_computed():
 def test_shared_pass_equals_describe_for_several_heads(photo_dir, random_lite0, tmp_path):
     specs = [ImageSpec(str(p)) for p in sorted(photo_dir.glob("*.png"))[:3]]
     ds = RetrievalDataset("photos", specs, specs, {"map": [{"ok": [i], "junk": []} for i in range(3)]})
-    shared = SharedBackbone("efficientnet_lite0", "random", tmp_path, torch.device("cpu"), built=random_lite0)
+    shared = SharedBackbone("efficientnet_lite0", "random", tmp_path, torch.device("cpu"), built=random_lite0,
+                            engine="torch")
     configs = {"gem": ModelConfig(head="gem", weights="random"),
                "remap": ModelConfig(head="remap", layers=[1, 2], levels=3, weights="random")}
     got = shared.describe_many(Bench("photos", ds, 160, "folder"), {k: shared.model(c) for k, c in configs.items()},
                                [160])
     for name, cfg in configs.items():
         direct, _ = describe(RetrievalModel(ModelConfig.from_dict({**cfg.to_dict(), "image_sizes": [160]}),
-                                            random_lite0), ds, None, "cpu", progress=False)
+                                            random_lite0), ds, None, "cpu", progress=False, engine="torch")
         np.testing.assert_allclose(combine_scales(got[name][0]), direct, atol=1e-5)
     # second call: read back from the cache, identical
     again = shared.describe_many(Bench("photos", ds, 160, "folder"), {"gem": shared.model(configs["gem"])}, [160])
@@ -89,7 +91,8 @@ def test_shared_pass_equals_describe_for_several_heads(photo_dir, random_lite0, 
 def test_cache_keeps_heads_with_one_config_and_different_alpha_apart(photo_dir, random_lite0, tmp_path):
     specs = [ImageSpec(str(p)) for p in sorted(photo_dir.glob("*.png"))[:2]]
     ds = RetrievalDataset("photos", specs, specs, {"map": [{"ok": [i], "junk": []} for i in range(2)]})
-    shared = SharedBackbone("efficientnet_lite0", "random", tmp_path, torch.device("cpu"), built=random_lite0)
+    shared = SharedBackbone("efficientnet_lite0", "random", tmp_path, torch.device("cpu"), built=random_lite0,
+                            engine="torch")
     cfg = ModelConfig(head="remap", layers=[1], levels=2, weights="random")
     ones, weighted = shared.model(cfg), shared.model(cfg)
     alpha = torch.linspace(0.1, 2.0, len(weighted.region_weights()[weighted.layers[0]]))
@@ -99,6 +102,34 @@ def test_cache_keeps_heads_with_one_config_and_different_alpha_apart(photo_dir, 
     got = shared.describe_many(bench, {"ones": ones, "weighted": weighted}, [128])  # "ones" from the cache
     np.testing.assert_array_equal(got["ones"][0], first)
     direct, _ = describe(RetrievalModel(ModelConfig.from_dict({**cfg.to_dict(), "image_sizes": [128]}),
-                                        random_lite0), ds, None, "cpu", progress=False)
+                                        random_lite0), ds, None, "cpu", progress=False, engine="torch")
     assert not np.allclose(got["weighted"][0][0], got["ones"][0][0])
     np.testing.assert_allclose(got["ones"][0][0], direct, atol=1e-5)
+
+
+def _fake_ukbench(objects: int) -> Bench:
+    specs = [ImageSpec(f"/ukbench/ukbench{i:05d}.jpg") for i in range(4 * objects)]
+    groups = [i // 4 for i in range(len(specs))]
+    gnd = [{"ok": [j for j in range(4 * (i // 4), 4 * (i // 4) + 4) if j != i], "junk": [i]} for i in range(len(specs))]
+    ds = RetrievalDataset("ukbench", specs, list(specs), {"map": gnd}, groups)
+    return Bench("ukbench", ds, 320, "ukbench")
+
+
+def test_held_out_ukbench_refuses_a_dataset_too_small_for_its_split():
+    with pytest.raises(ValueError, match=r"ukbench has 100 objects.*objects 0-99.*needs at least 101"):
+        held_out_ukbench(_fake_ukbench(100))
+    with pytest.raises(ValueError, match=r"scoring on objects 50-119 needs at least 120"):
+        held_out_ukbench(_fake_ukbench(100), "0-49", "50-119")
+    with pytest.raises(ValueError, match="overlap"):
+        held_out_ukbench(_fake_ukbench(100), "0-49", "40-59")
+
+
+def test_held_out_ukbench_takes_the_split_as_an_option():
+    train, test = held_out_ukbench(_fake_ukbench(100), "0-49")
+    assert len(train.images) == 200 and len(test.dataset.images) == 200 and test.name == "ukbench-test"
+    assert train.images[0].path.endswith("ukbench00000.jpg")
+    assert test.dataset.images[0].path.endswith("ukbench00200.jpg")  # object 50
+    train, test = held_out_ukbench(_fake_ukbench(150))  # the default: 0-99 train, 100-149 scored
+    assert (len(train.images), len(test.dataset.images)) == (400, 200)
+    train, test = held_out_ukbench(_fake_ukbench(100), range(10), range(90, 100))
+    assert (len(train.images), len(test.dataset.images)) == (40, 40)

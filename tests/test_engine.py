@@ -1,0 +1,190 @@
+"""Inference engines (remap_lib.engine): OpenVINO equals torch, precision is explicit, exports never go stale."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from remap_lib import engine as E
+from remap_lib.backbones import build_backbone
+from remap_lib.config import HEADS, ModelConfig
+from remap_lib.engine import create_engine
+from remap_lib.model import RetrievalModel
+from remap_lib.whitening import learn_pca_whitening
+
+pytest.importorskip("openvino")
+
+TOL = 1e-5  # max abs difference of L2-normalised descriptor components
+SHAPES = [(120, 160), (97, 131)]  # even and odd sizes: TF "SAME" padding differs between them
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cache_dir(tmp_path_factory):
+    """Exports go to a temporary REMAP_CACHE_DIR, never to ~/.cache."""
+    root = tmp_path_factory.mktemp("remap-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REMAP_CACHE_DIR", str(root))
+        yield root / "openvino"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The torch references on one thread: on a shared 2-core machine two OpenMP threads can be 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    torch.manual_seed(0)
+    return build_backbone("resnet50", weights="random")
+
+
+@pytest.fixture(scope="module")
+def images():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.rand(2, 3, h, w, generator=gen) for h, w in SHAPES]
+
+
+def model_for(backbone, head, **kw):
+    # layers [1, 2] for every head: one export per backbone serves all five
+    cfg = ModelConfig(backbone=backbone.name, head=head, layers=[1, 2], levels=2,
+                      image_sizes=[max(s) for s in SHAPES], scale_weights=[1.0, 0.7], **kw)
+    return RetrievalModel(cfg, backbone=backbone)
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("backbone", ["lite0", "resnet50"])
+def test_openvino_f32_equals_torch_for_every_head_at_odd_and_even_sizes(request, backbone, head, images):
+    model = model_for(request.getfixturevalue(backbone), head)
+    ov = create_engine(model, "openvino")
+    assert (ov.name, ov.precision) == ("openvino", "f32")
+    with torch.no_grad():
+        for x in images:  # each shape alone: maps and one-scale descriptors
+            maps, ref = ov.feature_maps(x), model.feature_maps(x)
+            assert [m.shape for m in maps.values()] == [m.shape for m in ref.values()]
+            got = model.from_pooled(model.pool_maps(maps))
+            assert (got - model(x)).abs().max() <= TOL
+        # both shapes as the two scales of paper Eq. 3
+        expected = model.multiscale(images)
+    got = ov.describe(images)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_torch_engine_is_the_models_multiscale(lite0, images):
+    model = model_for(lite0, "remap")
+    engine = create_engine(model, "torch")
+    assert (engine.name, engine.precision) == ("torch", "f32")
+    with torch.no_grad():
+        assert torch.equal(engine.describe(images), model.multiscale(images))
+
+
+def test_whitening_and_region_weights_need_no_new_export(lite0, images):
+    model = model_for(lite0, "remap", whitening=True, dim=8)
+    with torch.no_grad():
+        pooled = torch.cat([model.pool(torch.rand(8, 3, 64, 80)) for _ in range(2)]).numpy()
+    model.set_whitening(learn_pca_whitening(pooled, dim=8))
+    ov = create_engine(model, "openvino")
+    compiled = ov.compiled()
+    first = ov.describe(images)
+    model.set_region_weights({layer: torch.rand(model.streams[layer].alpha.raw.shape) for layer in model.layers})
+    with torch.no_grad():
+        expected = model.multiscale(images)
+    got = ov.describe(images)
+    assert ov.compiled() is compiled  # the backbone did not change: same compiled model
+    assert (got - expected).abs().max() <= TOL and (got - first).abs().max() > 10 * TOL
+
+
+def test_a_changed_backbone_is_exported_again(lite0, images):
+    backbone = copy.deepcopy(lite0)  # the session's lite0 stays as it is
+    model = model_for(backbone, "gem")
+    ov = create_engine(model, "openvino")
+    before = ov.describe(images)
+    with torch.no_grad():
+        backbone.stages["block15"]._project_conv.weight.mul_(-0.5)  # in place, as an optimiser step does
+        expected = model.multiscale(images)
+    assert (expected - before).abs().max() > 0.01  # the change matters
+    assert (ov.describe(images) - expected).abs().max() <= TOL
+    with torch.no_grad():
+        backbone.stages["block15"]._project_conv.weight.mul_(-2.0)  # back to the original weights
+    assert (ov.describe(images) - before).abs().max() <= TOL
+
+
+def test_precision_hint_is_always_explicit_and_bf16_only_when_asked(lite0, images):
+    import openvino as ov
+
+    model = model_for(lite0, "remap")
+    f32 = create_engine(model, "openvino")
+    assert f32.compiled().get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    bf16 = create_engine(model, "openvino", precision="bf16")
+    if "BF16" in E._core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert bf16.precision == "bf16"
+        assert bf16.compiled().get_property("INFERENCE_PRECISION_HINT") == ov.Type.bf16
+        with torch.no_grad():
+            cosine = (bf16.describe(images) * model.multiscale(images)).sum(1)
+        assert cosine.min() > 0.98  # approximate, not wrong
+    else:
+        assert bf16.precision == "f32"
+
+
+def test_bf16_on_a_cpu_without_it_warns_and_runs_f32(lite0, monkeypatch, caplog):
+    real = E._core()
+
+    class NoBF16:
+        def get_property(self, device, name):
+            return ["FP32", "INT8"] if name == "OPTIMIZATION_CAPABILITIES" else real.get_property(device, name)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(E, "_core", lambda: NoBF16())
+    with caplog.at_level(logging.WARNING, logger="remap_lib.engine"):
+        engine = create_engine(model_for(lite0, "mac"), "openvino", precision="bf16")
+    assert engine.precision == "f32"
+    assert "no bf16 support" in caplog.text
+
+
+def test_exports_are_cached_on_disk_and_a_broken_file_is_replaced(lite0, images, cache_dir, monkeypatch):
+    model = model_for(lite0, "spoc")
+    engine = create_engine(model, "openvino")
+    expected = engine.describe(images)
+    xml = E.export_path(cache_dir, engine.key())
+    assert xml.name.startswith(f"efficientnet_lite0-{E.weights_fingerprint(lite0)}-head+block15-")
+    assert xml.exists() and xml.with_suffix(".bin").exists()
+    monkeypatch.setattr(E, "_COMPILED", type(E._COMPILED)())  # a new process: nothing in memory
+    exported = []
+    monkeypatch.setattr(E, "export_openvino", lambda *a: exported.append(1) or pytest.fail("exported again"))
+    assert (create_engine(model, "openvino").describe(images) - expected).abs().max() == 0
+    assert exported == []
+    xml.write_text("<net>truncated")
+    monkeypatch.undo()
+    monkeypatch.setattr(E, "_COMPILED", type(E._COMPILED)())
+    assert (create_engine(model, "openvino").describe(images) - expected).abs().max() <= TOL
+    assert "truncated" not in xml.read_text()  # written again
+
+
+def test_engine_choice_and_clear_errors(lite0):
+    model = model_for(lite0, "mac")
+    assert create_engine(model).name == "openvino"  # auto on a CPU
+    assert create_engine(model, "auto", device="cpu").name == "openvino"
+    with pytest.raises(ValueError, match="unknown engine 'onnx'.*auto, torch, openvino"):
+        create_engine(model, "onnx")
+    with pytest.raises(ValueError, match="unknown precision 'fp16'.*f32, bf16"):
+        create_engine(model, "openvino", precision="fp16")
+    with pytest.raises(ValueError, match="runs on the CPU.*engine='torch'"):
+        create_engine(model, "openvino", device="cuda")
+    with pytest.raises(ValueError, match="scales given"):
+        create_engine(model, "openvino").describe([torch.rand(1, 3, 64, 64)])
+
+
+def test_descriptors_are_deterministic(lite0, images):
+    engine = create_engine(model_for(lite0, "rmac"), "openvino")
+    a, b = engine.describe(images), engine.describe(images)
+    assert np.array_equal(a.numpy(), b.numpy())
