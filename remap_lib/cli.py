@@ -25,9 +25,8 @@ import logging
 import os
 import sys
 
-import numpy as np
-
 from .config import HEADS, PAPER_MULTISCALE, ModelConfig
+from .extraction_files import check_output_folder
 
 log = logging.getLogger("remap")
 
@@ -42,26 +41,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer ≥ 1."""
+def _int_at_least(text: str, minimum: int, requirement: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text} must be {requirement}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    return _int_at_least(text, 1, "at least 1")
 
 
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer ≥ 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
-    return value
+    return _int_at_least(text, 0, "0 or more")
 
 
 def worker_count(text: str) -> int:
@@ -85,10 +82,6 @@ def image_size_wh(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _check_output_folder(path) -> None:
-    """An output folder may exist (to resume) but must not be a file."""
-    if path and os.path.exists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"output folder {path} is an existing file; choose a folder")
 
 
 def _check_output_file(path) -> None:
@@ -204,7 +197,7 @@ def cmd_backbones(args) -> int:
 def cmd_extract(args) -> int:
     from .extract import extract_descriptors, extract_distributed, parse_shard, resolve_images
 
-    _check_output_folder(args.out)
+    check_output_folder(args.out)
     shard = parse_shard(args.shard) if args.shard else None
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if shard and distributed:
@@ -228,7 +221,7 @@ def cmd_extract(args) -> int:
 def cmd_merge(args) -> int:
     from .extract import merge_extractions
 
-    _check_output_folder(args.out)
+    check_output_folder(args.out)
     result = merge_extractions(args.out, args.shards)
     print(f"{len(result.paths)} descriptors from {len(args.shards)} shards in {args.out}"
           + (f"; {len(result.failed)} images failed (see {args.out}/failed.jsonl)" if result.failed else ""))
@@ -254,7 +247,7 @@ def cmd_whiten(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import DEMO_IMAGE_SIZE, run_demo
 
-    _check_output_folder(args.out)
+    check_output_folder(args.out)
     run_demo(out_dir=args.out, image_size=args.image_size or DEMO_IMAGE_SIZE, progress=not args.quiet)
     return 0
 
@@ -262,7 +255,7 @@ def cmd_demo(args) -> int:
 def cmd_notebooks(args) -> int:
     from .notebooks import run_notebooks
 
-    _check_output_folder(args.out)
+    check_output_folder(args.out)
     params = {}
     if args.parameters:
         import yaml
@@ -487,7 +480,7 @@ def _parse_datasets(specs: list[str], crop: bool, allow_missing: bool) -> dict:
 def cmd_evaluate(args) -> int:
     from .evaluate import COLOUR_HISTOGRAM, evaluate, format_table
 
-    _check_output_folder(args.out)
+    check_output_folder(args.out)
     datasets = _parse_datasets(args.dataset, not args.no_crop, args.allow_missing)
     for ds in datasets.values():
         print(ds.summary())

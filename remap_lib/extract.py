@@ -48,6 +48,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .extraction_files import FORMAT, check_output_folder, read_manifest
 from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, ImageSpec, list_images, load_spec,
                      resize_longer_side, to_tensor)
 from .model import RetrievalModel
@@ -58,7 +59,6 @@ __all__ = ["Descriptors", "ExtractionLockedError", "extract_descriptors", "extra
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("skip", "raise")
-FORMAT = "remap-extraction-v2"
 
 
 class ExtractionLockedError(RuntimeError):
@@ -368,8 +368,8 @@ def extract_descriptors(
         shard_info = {"index": k, "count": n, "start": start, "stop": stop, "total": len(specs),
                       "input_sha256": _sha256(_jsonl(paths))}
         specs = specs[start:stop]
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise FileExistsError(f"output folder {out_dir} is an existing file; choose a folder")
+    if out_dir is not None:
+        check_output_folder(out_dir)
     device = select_device(device)
     model = model.to(device).eval()
     describe, precision = _describer(model, engine, precision, device)
@@ -485,15 +485,7 @@ def _write_result(out_dir: Path, result: Descriptors) -> None:
 def load_descriptors(out_dir: str | os.PathLike) -> Descriptors:
     """Read what :func:`extract_descriptors` wrote to ``out_dir``, checked against its manifest."""
     out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir} is not a folder written by `remap extract`")
-    manifest_file = out_dir / "manifest.json"
-    if not manifest_file.exists():
-        raise FileNotFoundError(f"{out_dir} has no complete result (manifest.json missing); run (or rerun, "
-                                "to finish) `remap extract` into it")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{out_dir} was written by an older remap; extract again into a new folder")
+    manifest = read_manifest(out_dir)
     descriptors = np.load(out_dir / "descriptors.npy", allow_pickle=False)
     paths_blob = (out_dir / "paths.jsonl").read_bytes()
     if (_sha256(np.ascontiguousarray(descriptors).tobytes()) != manifest["descriptors_sha256"]
@@ -589,8 +581,7 @@ def merge_extractions(out_dir: str | os.PathLike, shard_dirs: Sequence[str | os.
     settings = {k: v for k, v in first.items() if k != "shard"}
     settings["merged_from"] = [os.path.abspath(d) for d in (shard_dirs[i] for i in order)]
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output folder {out} is an existing file; choose a folder")
+    check_output_folder(out)
     with _output_lock(out):
         old = out / "extraction.json"
         if old.exists() and json.loads(old.read_text()).get("merged_from") is None:

@@ -68,6 +68,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .extraction_files import FORMAT as EXTRACTION_FORMAT, read_manifest  # the folder format of `remap extract`
+
 __all__ = ["DescriptorSource", "IndexFileError", "ModelMismatchError", "PathTable", "RetrievalIndex",
            "gpu_available", "sampled_sha256", "synthetic_distractors", "truncate_descriptors"]
 
@@ -75,7 +77,6 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"REMAPIDX"
 VERSION = 3  # 2: weights fingerprint, model sources, precision; 3: refine, on-disk inverted lists
-EXTRACTION_FORMAT = "remap-extraction-v2"  # remap_lib.extract.FORMAT (not imported: extract needs torch)
 DEFAULT_REFINE_K = 8  # PQ shortlist of k * DEFAULT_REFINE_K re-ranked by the refine codes
 CHUNK_BYTES = 64 << 20  # default streaming chunk: 64 MiB of float32 rows
 SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 1 << 16  # sampled checksum of an .ivfdata file
@@ -316,15 +317,7 @@ class DescriptorSource:
     def open(cls, folder: str | os.PathLike) -> "DescriptorSource":
         """The result of ``remap extract`` in ``folder``, checked against its ``manifest.json``."""
         folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder written by `remap extract`")
-        manifest_file = folder / "manifest.json"
-        if not manifest_file.exists():
-            raise FileNotFoundError(f"{folder} has no complete result (manifest.json missing); run (or rerun, "
-                                    "to finish) `remap extract` into it")
-        manifest = json.loads(manifest_file.read_text())
-        if manifest.get("format") != EXTRACTION_FORMAT:
-            raise ValueError(f"{folder} was written by an older remap; extract again into a new folder")
+        manifest = read_manifest(folder)
         blob = (folder / "paths.jsonl").read_bytes()
         if hashlib.sha256(blob).hexdigest() != manifest["paths_sha256"]:
             raise ValueError(f"{folder}: paths.jsonl does not match manifest.json (an interrupted or concurrent "

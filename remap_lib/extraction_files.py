@@ -1,0 +1,39 @@
+"""The manifest of an extraction folder (``remap extract``), readable without torch.
+
+:mod:`remap_lib.extract` writes the folder; :func:`remap_lib.extract.load_descriptors`
+and :class:`remap_lib.index.DescriptorSource` read it.  The index side must not
+import torch (its search processes are measured for memory), so what both
+readers check first lives here, with the output-folder check the CLI runs
+before it builds a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+__all__ = ["FORMAT", "check_output_folder", "read_manifest"]
+
+FORMAT = "remap-extraction-v2"
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """``manifest.json`` of a complete extraction folder, or a clear error saying what to do."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder written by `remap extract`")
+    manifest_file = folder / "manifest.json"
+    if not manifest_file.exists():
+        raise FileNotFoundError(f"{folder} has no complete result (manifest.json missing); run (or rerun, "
+                                "to finish) `remap extract` into it")
+    manifest = json.loads(manifest_file.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{folder} was written by an older remap; extract again into a new folder")
+    return manifest
+
+
+def check_output_folder(path) -> None:
+    """An output folder may exist (to resume) but must not be a file."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"output folder {path} is an existing file; choose a folder")
