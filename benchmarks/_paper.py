@@ -39,16 +39,18 @@ import torch  # noqa: E402
 from remap_lib import shared_pass  # noqa: E402
 from remap_lib.backbones import build_backbone  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import (RetrievalDataset, load_dataset, load_revisited, load_ukbench,  # noqa: E402
-                                parse_group_range, split_groups)
+from remap_lib.datasets import (RetrievalDataset, load_dataset, load_folder_groups, load_revisited,  # noqa: E402
+                                load_ukbench, parse_group_range, split_groups)
 from remap_lib.evaluate import describe, score  # noqa: E402
 from remap_lib.model import RetrievalModel  # noqa: E402
 from remap_lib.whitening import learn_pca_whitening  # noqa: E402
 
 # Longer side each benchmark is described at.  Revisited/Holidays: the paper's
 # 1024 px.  UKBench: its native 320 px in ../shared/data (the full set is
-# 640×480; 320 keeps it comparable).  Demo set: 640 px (its photos are small).
-DEFAULT_SIZES = {"revisited": 1024, "holidays": 1024, "oxford_paris": 1024, "ukbench": 320, "demo": 640}
+# 640×480; 320 keeps it comparable).  Demo set: 640 px (its photos are small).  Folders of groups
+# (landmark photos): 1024 px.
+DEFAULT_SIZES = {"revisited": 1024, "holidays": 1024, "oxford_paris": 1024, "ukbench": 320, "demo": 640,
+                 "groups": 1024}
 # What the tables show per dataset: protocol → column label.
 COLUMNS = {"easy": "E", "medium": "M", "hard": "H", "ukbench": "4xR@4", "map": "mAP", "all": "mAP"}
 MAX_PIXELS = 40_000_000
@@ -82,7 +84,14 @@ def common_arguments(parser, default_out: str) -> None:
     parser.add_argument("--json", action="store_true", help="also print everything as one JSON object")
 
 
-def find_datasets(data_root: str | Path, demo: bool = True, only=None, size_overrides=()) -> list[Bench]:
+def find_datasets(data_root: str | Path, demo: bool = True, only=None, size_overrides=(),
+                  group_folders: bool = False, exclude=()) -> list[Bench]:
+    """The benchmarks under ``data_root`` (see the module docstring), each with its description size.
+
+    ``group_folders``: also every other sub-folder that reads as a folder of groups (one folder
+    per object or landmark, scored with each image as a query), described at the "groups" size.
+    ``exclude``: folders never scored (e.g. the training set), compared by real path.
+    """
     sizes = dict(DEFAULT_SIZES)
     for item in size_overrides:
         kind, _, px = item.partition("=")
@@ -99,6 +108,18 @@ def find_datasets(data_root: str | Path, demo: bool = True, only=None, size_over
     for name, kind in (("holidays", "holidays"), ("oxford5k", "oxford_paris"), ("paris6k", "oxford_paris")):
         if (root / name).is_dir():
             found.append(Bench(name, load_dataset(str(root / name)), sizes[kind], kind))
+    if group_folders:
+        known = {"ukbench", "rparis6k", "roxford5k", "holidays", "oxford5k", "paris6k"}
+        skip = {Path(e).resolve() for e in exclude}
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+            if sub.name in known or sub.resolve() in skip or not any(c.is_dir() for c in sub.iterdir()):
+                continue
+            try:
+                ds = load_folder_groups(sub)
+            except (ValueError, OSError) as exc:
+                print(f"{sub}: not a folder of groups ({exc}); skipped", flush=True)
+                continue
+            found.append(Bench(sub.name, ds, sizes["groups"], "groups"))
     if demo:
         found.append(Bench("demo", load_dataset("demo"), sizes["demo"], "demo"))
     if only:

@@ -9,7 +9,13 @@ The package follows the pipeline:
 ``whitening``          PCA-whitening, the FC layer's initialisation
 ``model``              backbone + streams + whitening → L2-normalised descriptors
 ``engine``             inference engines: torch, OpenVINO (CPU)
+``shared_pass``        one backbone pass pooled by many heads (evaluate, browser)
 ``images``/``extract`` robust image loading; resumable descriptor extraction
+``klw``                KL-divergence region weights (paper §III-B)
+``train``              end-to-end fine-tuning: triplets, hard negatives, resume, DDP
+``verification``       SIFT + RANSAC inlier counts: verified training pairs
+``evaluate``           descriptors of a benchmark; mAP (``metrics``) by the protocols
+``index``              faiss indexes (flat, PQ, IVF-PQ, refine, on disk) with checks
 ``config``             one plain-data description of a model
 ``cli``                the ``remap`` command
 =====================  ==========================================================

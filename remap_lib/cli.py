@@ -292,7 +292,7 @@ def cmd_klw(args) -> int:
     result = estimate_kl_weights(model, dataset, input_size=(width, height), max_matching=args.matching,
                                  nonmatching_per_matching=args.nonmatching_ratio, bins=args.bins,
                                  direction=args.direction, seed=args.seed, device=args.device,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, engine=args.engine, precision=args.precision)
     result.save(args.out)
     for layer, w in result.weights.items():
         print(f"{layer}: {len(w)} regions, KL min {w.min():.3f} mean {w.mean():.3f} max {w.max():.3f}")
@@ -579,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", default=None, help="folder for the Fig. 2 pictures")
     p.add_argument("-q", "--quiet", action="store_true")
     _add_model_args(p)
+    _add_engine_args(p)
     p.set_defaults(func=cmd_klw)
 
     p = sub.add_parser("train", help="fine-tune end to end with a triplet loss (resumes from out_dir)")

@@ -298,11 +298,20 @@ def _check_or_write_settings(out_dir: Path, settings: dict) -> None:
 
 
 # ---------------------------------------------------------------------- extraction
-def _describer(model: RetrievalModel, engine: str, precision: str, device: torch.device):
-    """``images_per_scale -> (N, D)`` for ``model`` on ``engine``, and the precision that actually runs."""
+def _describer(model: RetrievalModel, engine, precision: str, device: torch.device):
+    """``images_per_scale -> (N, D)`` for ``model`` on ``engine``, and the precision that actually runs.
+
+    ``engine`` is a name, or an :class:`~remap_lib.engine.InferenceEngine` of ``model`` that is reused
+    (the trainer keeps one across validations, its compiled model in memory only).
+    """
+    from .engine import InferenceEngine, create_engine
+
+    if isinstance(engine, InferenceEngine):
+        if engine.model is not model:
+            raise ValueError("the inference engine given describes another model")
+        return engine.describe, engine.precision
     if engine == "torch" and precision == "f32":
         return model.multiscale, "f32"
-    from .engine import create_engine
 
     eng = create_engine(model, engine=engine, precision=precision, device=device)
     return eng.describe, eng.precision
@@ -340,7 +349,8 @@ def extract_descriptors(
         max_pixels: refuse images with more pixels (decompression-bomb guard).
         progress: show a progress bar.
         engine: ``"auto"`` (OpenVINO on a CPU, torch on a GPU), ``"torch"`` or
-            ``"openvino"`` (:mod:`remap_lib.engine`).
+            ``"openvino"`` (:mod:`remap_lib.engine`), or an engine of ``model`` to reuse
+            (then ``precision`` is the engine's).
         precision: ``"f32"`` (equal to the torch path) or ``"bf16"`` (faster, approximate).
         sources: the files the model was built from (``{"checkpoint"|"klw"|"whitening": path}``),
             recorded in ``extraction.json`` so that an index built from it can rebuild the query model.

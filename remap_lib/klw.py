@@ -138,21 +138,27 @@ class _FixedSizeImages(Dataset):
 @torch.no_grad()
 def region_descriptors(model: RetrievalModel, specs: Sequence[ImageSpec], input_size: tuple[int, int] = (512, 384),
                        batch_size: int = 8, device: str | torch.device = "cpu", num_workers: int = 0,
-                       progress: bool = True) -> dict[str, np.ndarray]:
+                       progress: bool = True, engine: str = "auto",
+                       precision: str = "f32") -> dict[str, np.ndarray]:
     """Per layer, ``(N, R, C)`` float32 L2-normalised region vectors on the reference grid.
 
     Images are resized to exactly ``input_size`` (width, height), as the paper
     resizes to 1024×768, so that every image has the same regions: those of
-    the REMAP head's reference grid (checked).
+    the REMAP head's reference grid (checked).  The backbone runs on
+    ``engine`` (:func:`~remap_lib.engine.create_engine`: OpenVINO on a CPU by
+    default, equal to torch to ~1e-6 in f32); the regions are pooled in torch.
     """
+    from .engine import create_engine
+
     if model.config.head != "remap":
         raise ValueError("KL weights belong to a REMAP head; build the model with head='remap'")
     device = torch.device(device)
     model = model.to(device).eval()
+    runner = create_engine(model, engine, precision, device)
     loader = DataLoader(_FixedSizeImages(specs, input_size), batch_size=batch_size, num_workers=num_workers)
     out: dict[str, list[np.ndarray]] = {layer: [] for layer in model.layers}
-    for batch in tqdm(loader, desc="region descriptors", unit="batch", disable=not progress):
-        maps = model.feature_maps(batch.to(device))
+    for batch in tqdm(loader, desc=f"region descriptors ({runner.name})", unit="batch", disable=not progress):
+        maps = runner.feature_maps(batch.to(device))
         for layer in model.layers:
             stream = model.streams[layer]
             _, index = _regions_and_weight_index(*maps[layer].shape[-2:], stream.levels, stream.full_map,
@@ -311,13 +317,15 @@ class KLWeights:
 def estimate_kl_weights(model: RetrievalModel, dataset, *, input_size: tuple[int, int] = (512, 384),
                         max_matching: int = 2000, nonmatching_per_matching: int = 5, bins: int = 30,
                         smoothing: float = 0.5, direction: str = "match_nonmatch", seed: int = 0,
-                        device: str = "cpu", batch_size: int = 8, progress: bool = True) -> KLWeights:
+                        device: str = "cpu", batch_size: int = 8, progress: bool = True,
+                        engine: str = "auto", precision: str = "f32") -> KLWeights:
     """KL weights of ``model``'s REMAP layers from a dataset with groups (see the module docstring).
 
     ``dataset`` is a :class:`~remap_lib.datasets.RetrievalDataset` with ``groups``
     (UKBench, a folder/CSV of groups, Holidays, the demo set).  Only images in
     sampled pairs are described.  ``smoothing`` must be > 0 (checked before
-    any image is described).
+    any image is described).  ``engine``/``precision``: where the backbone
+    runs (:func:`region_descriptors`).
     """
     _check_smoothing(smoothing)
     if getattr(dataset, "groups", None) is None:
@@ -328,7 +336,7 @@ def estimate_kl_weights(model: RetrievalModel, dataset, *, input_size: tuple[int
     remap_pairs = np.vectorize(position.__getitem__)
     m_local, n_local = remap_pairs(matching), remap_pairs(nonmatching)
     regions = region_descriptors(model, [dataset.images[i] for i in used], input_size, batch_size, device,
-                                 progress=progress)
+                                 progress=progress, engine=engine, precision=precision)
     weights, distances = {}, {}
     for layer, reg in regions.items():
         dm, dn = pair_distances(reg, m_local), pair_distances(reg, n_local)

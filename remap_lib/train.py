@@ -65,6 +65,8 @@ __all__ = ["TrainConfig", "Trainer", "check_no_overlap", "matching_pairs", "mine
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "remap-train-v1"
+# "auto" engine: below this many images to describe, the OpenVINO export costs more than it saves
+ENGINE_MIN_IMAGES = 64
 _CHECKPOINT_KEYS = ("config", "model", "optimizer", "step", "triplet", "negatives", "window_start", "history")
 
 
@@ -103,12 +105,18 @@ class TrainConfig:
     grad_checkpointing: bool = False
     num_workers: int = 0
     cache_images: bool = True  # keep decoded training images in memory (single process loaders)
+    # where the backbone runs when the pool is described (whitening init, hard-negative mining) and for
+    # validation: "auto" = OpenVINO f32 on a CPU for pools of at least 64 images (re-exported after every
+    # weight change, ~5 s; below 64 images torch is quicker), torch otherwise; "torch"; "openvino"
+    engine: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
         if self.loss not in ("triplet", "contrastive"):
             raise ValueError(f"loss must be 'triplet' or 'contrastive', got {self.loss!r}")
+        if self.engine not in ("auto", "torch", "openvino"):
+            raise ValueError(f"engine must be auto, torch or openvino, got {self.engine!r}")
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be bf16, fp16 or null, got {self.amp!r}")
         for name in ("accumulate", "steps", "remine_every", "checkpoint_every"):
@@ -311,6 +319,8 @@ class Trainer:
         self.negatives = np.zeros(0, dtype=np.int64)
         self.window_start = -1
         self.history: list[dict] = []
+        self._engines: dict[str, object] = {}
+        self._pooled: tuple | None = None  # (weights state, pooled pool vectors) of the last description
 
     @staticmethod
     def _load(spec: str, groups: str | None) -> RetrievalDataset:
@@ -357,21 +367,60 @@ class Trainer:
             x = x[None]
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
+    def inference_engine(self, images: int):
+        """The engine that describes ``images`` images without gradients, or ``None``: the model itself.
+
+        ``None`` (torch, under the configured AMP) on a GPU, with ``engine: torch``, or for fewer than
+        :data:`ENGINE_MIN_IMAGES` images under ``auto``; otherwise OpenVINO f32 (equal to torch to ~1e-6).
+        One engine is kept for the run: it re-exports the backbone whenever an update changed its
+        weights (never a stale export), compiled in memory only (training weights are not worth a file).
+        """
+        choice = self.cfg.engine
+        if choice == "auto":
+            choice = "openvino" if self.device.type == "cpu" and images >= ENGINE_MIN_IMAGES else "torch"
+            if choice == "openvino":
+                try:
+                    import openvino  # noqa: F401
+                except ImportError:
+                    choice = "torch"
+        if choice == "torch":
+            return None
+        if "openvino" not in self._engines:
+            from .engine import create_engine
+
+            self._engines["openvino"] = create_engine(self.model, "openvino", "f32", self.device, cache_dir=False)
+        return self._engines["openvino"]
+
     @torch.no_grad()
     def _describe(self, whitened: bool = True) -> np.ndarray:
-        """Descriptors of every training image under the current model (eval mode, no grad)."""
-        whiten = self.model.whiten
-        if not whitened:
-            self.model.whiten = None
-        try:
+        """Descriptors of every training image under the current model (eval mode, no grad).
+
+        Single scale, at the training size, as the triplets see them; the backbone runs on
+        :meth:`inference_engine`, the heads and whitening in torch.  The pooled vectors (before
+        the FC) are kept until a weight that shapes them changes, so the whitening initialisation
+        and the first mining describe the pool once.
+        """
+        count = len(self.train_set.images)
+        runner = self.inference_engine(count)
+        state = (self._pool_state(), runner.name if runner is not None else "model")
+        if self._pooled is None or self._pooled[0] != state:
             rows = []
-            for i in tqdm(range(len(self.train_set.images)), desc="describe pool", leave=False,
-                          disable=self.rank != 0 or len(self.train_set.images) < 50):
-                with self._autocast():
-                    rows.append(self.model(self._prepare(self.images(i))).float().cpu().numpy()[0])
-        finally:
-            self.model.whiten = whiten
-        return np.stack(rows)
+            for i in tqdm(range(count), desc="describe pool" + (f" ({runner.name})" if runner else ""),
+                          leave=False, disable=self.rank != 0 or count < 50):
+                x = self._prepare(self.images(i))
+                if runner is None:
+                    with self._autocast():
+                        rows.append(self.model.pool(x).float())
+                else:  # = self.model.pool(x): the model's own pooling on the engine's maps
+                    rows.append(self.model.pool_maps(runner.feature_maps(x)))
+            self._pooled = (state, torch.cat(rows))
+        pooled = self._pooled[1]
+        return (self.model.from_pooled(pooled) if whitened else pooled).cpu().numpy()
+
+    def _pool_state(self) -> tuple:
+        """Identity and in-place version of every tensor the pooled vectors depend on (all but the FC)."""
+        return tuple((id(t), t._version) for name, t in self.model.state_dict(keep_vars=True).items()
+                     if not name.startswith("whiten.") and name != "whitening_learned")
 
     def _triplet_pairs(self, start: int, count: int) -> np.ndarray:
         """Pairs for triplets ``start .. start+count-1`` (a fixed permutation per epoch)."""
@@ -444,7 +493,7 @@ class Trainer:
             problem = f"it lacks {missing}" if missing else ""
         if problem:
             raise ValueError(f"{path} is not a remap training checkpoint ({CHECKPOINT_FORMAT}): {problem}; {advice}")
-        ignored = ("steps", "checkpoint_every", "out_dir", "device", "num_workers")  # change nothing trained
+        ignored = ("steps", "checkpoint_every", "out_dir", "device", "num_workers", "engine")  # change nothing trained
         old = {k: v for k, v in blob["config"].items() if k not in ignored}
         new = {k: v for k, v in self.cfg.to_dict().items() if k in old}
         if old != new:
@@ -478,7 +527,10 @@ class Trainer:
             return {}
         from .evaluate import describe, score
 
-        scores = score(self.val_set, *describe(self.model, self.val_set, None, str(self.device), progress=False))
+        count = len(self.val_set.images) + (0 if self.val_set.query_is_database else len(self.val_set.queries))
+        runner = self.inference_engine(count)
+        scores = score(self.val_set, *describe(self.model, self.val_set, None, str(self.device), progress=False,
+                                                engine=runner if runner is not None else "torch"))
         out = {"val_map": round(100 * scores["map"]["map"], 3) if "map" in scores else None}
         if "ukbench" in scores:
             out["val_ukbench"] = round(scores["ukbench"]["score"], 4)

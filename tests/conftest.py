@@ -10,6 +10,14 @@ from PIL import Image
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _openvino_exports_in_a_temporary_folder(tmp_path_factory):
+    """OpenVINO exports (engine "auto" on a CPU) go to a temporary REMAP_CACHE_DIR, never to ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REMAP_CACHE_DIR", str(tmp_path_factory.mktemp("remap_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> Path:
     """Six real photos (scikit-image's data), resized to 128 px on the longer side."""

@@ -123,6 +123,17 @@ def test_region_descriptors_are_the_heads_regions(group_dataset, lite0):
     assert np.allclose(stream_out, (alpha.numpy()[:, None] * regs["head"][0]).sum(0), atol=1e-5)
 
 
+def test_region_descriptors_on_openvino_equal_torch(group_dataset, lite0):
+    model = RetrievalModel(ModelConfig(head="remap", levels=2), backbone=lite0)
+    kw = dict(input_size=(128, 96), progress=False, batch_size=2)
+    ov = region_descriptors(model, group_dataset.images[:3], engine="openvino", **kw)
+    pt = region_descriptors(model, group_dataset.images[:3], engine="torch", **kw)
+    for layer in ("head", "block15"):
+        assert ov[layer].shape == pt[layer].shape == (3, 8, {"head": 1280, "block15": 320}[layer])
+        assert np.abs(ov[layer] - pt[layer]).max() <= 1e-5
+        assert not np.array_equal(ov[layer], pt[layer])  # two engines ran, not one twice
+
+
 def test_estimate_is_deterministic_and_loads_into_a_model(tmp_path, group_dataset, lite0):
     model = RetrievalModel(ModelConfig(head="remap", levels=2), backbone=lite0)
     kw = dict(input_size=(128, 96), nonmatching_per_matching=3, bins=10, progress=False)

@@ -113,6 +113,50 @@ def test_tiny_run_lowers_the_loss_and_raises_training_map(tmp_path, tiny_groups)
     assert (tmp_path / "run" / "model.pt").exists()
 
 
+def test_pool_described_on_openvino_equals_torch_and_follows_every_update(tmp_path, tiny_groups):
+    """Mining and whitening see the current weights: a stale export would fail the second comparison."""
+    ds = load_folder_groups(tiny_groups)
+    trainer = Trainer(_cfg(tiny_groups, tmp_path / "run", engine="openvino"), train_set=ds)
+    trainer.prepare()
+    assert trainer.inference_engine(len(ds.images)).name == "openvino"
+    before = trainer._describe()
+    trainer.cfg.engine = "torch"
+    assert trainer.inference_engine(len(ds.images)) is None
+    reference = trainer._describe()
+    assert before.shape == (18, 1600) and np.abs(before - reference).max() <= 1e-5
+    with torch.no_grad():  # an optimiser step changes the weights in place, as this does
+        for p in trainer.model.backbone.stages["head"].parameters():
+            p.mul_(1.5)
+    trainer.cfg.engine = "openvino"
+    after = trainer._describe()
+    trainer.cfg.engine = "torch"
+    assert np.abs(after - trainer._describe()).max() <= 1e-5
+    assert np.abs(after - before).max() > 1e-2
+    # "auto": OpenVINO on a CPU from 64 images on, torch below (the export would cost more than it saves)
+    trainer.cfg.engine = "auto"
+    assert trainer.inference_engine(63) is None and trainer.inference_engine(64).name == "openvino"
+
+
+def test_whitening_init_and_first_mining_describe_the_pool_once(tmp_path, tiny_groups, monkeypatch):
+    ds = load_folder_groups(tiny_groups)
+    trainer = Trainer(_cfg(tiny_groups, tmp_path / "run", engine="torch", whitening_init="pca"), train_set=ds)
+    calls = []
+    pool = trainer.model.pool
+    monkeypatch.setattr(trainer.model, "pool", lambda x: calls.append(1) or pool(x))
+    trainer.prepare()  # PCA-whitening of the pooled pool
+    assert len(calls) == 18
+    trainer.triplets(0, 4)  # the first mining: same weights, whitened by the new FC, no second pass
+    assert len(calls) == 18
+    whitened = trainer._describe()
+    with torch.no_grad():
+        direct = np.concatenate([trainer.model(trainer._prepare(trainer.images(i))).numpy() for i in range(18)])
+    assert np.abs(whitened - direct).max() <= 1e-5  # = the model's own forward, FC included
+    with torch.no_grad():
+        next(trainer.model.streams.parameters()).add_(0.5)  # an update of α: the pool is described again
+    trainer._describe()
+    assert len(calls) == 36 + 18  # 18 for the direct forward above, 18 for the new description
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_groups):
     ds = load_folder_groups(tiny_groups)
     Trainer(_cfg(tiny_groups, tmp_path / "full"), train_set=ds).run()
@@ -327,3 +371,32 @@ def test_a_pairs_file_replaces_the_same_group_pairs(tmp_path, tiny_groups):
     assert len(trainer.groups) == 17
     trainer.run()
     assert trainer.step == 1
+
+
+def test_tiny_run_on_real_landmark_photos_lowers_the_loss(tmp_path):
+    """Three landmarks_fr landmarks, 6 photos each, at 96 px (the issue's smoke test on the real training data)."""
+    source = ROOT.parent / "shared" / "data" / "landmarks_fr"
+    if not source.is_dir():
+        pytest.skip(f"{source} is absent (the landmark photos live in ../shared/data, next to the repository)")
+    root = tmp_path / "landmarks"
+    for name in ("aix_rotonde", "avignon_pont_avignon", "marseille_la_major"):
+        (root / name).mkdir(parents=True)
+        for photo in sorted((source / name).glob("*.jpg"))[:6]:
+            (root / name / photo.name).symlink_to(photo)
+    ds = load_folder_groups(root)
+    assert len(ds.images) == 18 and len(set(ds.groups)) == 3
+    trainer = Trainer(_cfg(root, tmp_path / "run", model=ModelConfig(head="remap", levels=2, image_sizes=[96]),
+                           steps=10, accumulate=6, remine_every=60, lr=0.01, checkpoint_every=100), train_set=ds)
+    trainer.prepare()
+    triplets = trainer.triplets(0, 60)  # the run's triplets, negatives mined by the ImageNet model
+
+    def loss_on(triplets) -> float:  # mean triplet loss of fixed triplets under the current weights
+        with torch.no_grad():
+            return float(np.mean([trainer._loss(torch.cat([trainer.model(trainer._prepare(trainer.images(int(i))))
+                                                           for i in t])).item() for t in triplets]))
+
+    before = loss_on(triplets)
+    history = trainer.run()
+    assert len([r for r in history if "loss" in r]) == 10
+    after = loss_on(triplets)
+    assert before > 0.02 and after < 0.5 * before, (before, after)
