@@ -223,7 +223,8 @@ class SharedBackbone:
         cache = cache and self.dir is not None
         out, todo = {}, {}
         for label, m in models.items():
-            paths = [self._path(name, len(dataset.images), m, sizes, part) for part in ("database", "queries")]
+            paths = [self._path(name, len(dataset.images), m, sizes, part) for part in ("database", "queries")] \
+                if cache else []
             if cache and all(p.exists() for p in paths):
                 out[label] = tuple(np.load(p) for p in paths)
             else:

@@ -88,6 +88,19 @@ def test_pool_gives_each_size_before_whitening(random_lite0, specs):
                 np.testing.assert_allclose(pooled[s, i], models["gem"].pool(x[None])[0].numpy(), atol=1e-6)
 
 
+def test_pool_dataset_without_a_cache_folder(random_lite0, specs):
+    """No cache folder (a fine-tuned backbone, as benchmarks/finetune_landmarks.py scores it): pooled, not cached."""
+    from remap_lib.datasets import RetrievalDataset
+
+    ds = RetrievalDataset("six", specs, specs[:2], {"map": [{"ok": [0], "junk": []}, {"ok": [1], "junk": []}]})
+    model = heads(random_lite0)["gem"]
+    shared = SharedBackbone(random_lite0, "cpu", engine="torch")  # cache_dir None
+    db, q = shared.pool_dataset(ds, {"gem": model}, [96], cache=True, progress=False)["gem"]
+    assert db.shape == (1, 6, 1280) and q.shape == (1, 2, 1280)
+    np.testing.assert_allclose(q[0], db[0, :2], atol=1e-6)  # the queries are the first two images
+    np.testing.assert_allclose(db[0], shared.pool(specs, {"gem": model}, [96])["gem"][0], atol=1e-6)
+
+
 def test_one_pass_serves_one_set_of_input_sizes(random_lite0, specs):
     a = RetrievalModel(ModelConfig(head="mac", weights="random", image_sizes=[96]), random_lite0)
     b = RetrievalModel(ModelConfig(head="mac", weights="random", image_sizes=[128]), random_lite0)
