@@ -103,8 +103,34 @@ class FeatureBackbone(nn.Module):
 
     @property
     def layer_names(self) -> tuple[str, ...]:
-        """Stages whose output can be pooled, in forward order."""
-        return tuple(n for n in self.stages if n in self.channels)
+        """Stages whose output can be pooled, and the taps resolved inside them, in forward order."""
+        out: list[str] = []
+        for n in self.stages:
+            out += [t for t in self.channels if t.startswith(n + ":")]
+            if n in self.channels:
+                out.append(n)
+        return tuple(out)
+
+    def tap_module(self, name: str) -> nn.Module | None:
+        """The sub-module a tap ``"<stage>:<path>"`` reads (e.g. ``"head:1"``), or ``None``.
+
+        A tap is the output of a module inside a stage: ``"head:1"`` is
+        EfficientNet-Lite's head convolution after batch norm and *before* its
+        ReLU6 cap, ``"block15:_bn0"`` the last block's expansion convolution
+        (1152 channels, before ReLU6).  The paper pools post-ReLU conv outputs;
+        the taps let experiments read the same convolutions uncapped
+        (``benchmarks/layer_taps.py``).  Only BatchNorm and convolution outputs
+        can be tapped (their channel count is known), and the tapped module
+        must run once per pass of its stage.
+        """
+        stage, _, path = name.partition(":")
+        if not path or stage not in self.stages:
+            return None
+        try:
+            module = self.stages[stage].get_submodule(path)
+        except AttributeError:
+            return None
+        return module if isinstance(module, (nn.BatchNorm2d, nn.Conv2d)) else None
 
     def resolve_layers(self, layers: Sequence[int | str]) -> tuple[str, ...]:
         """Turn paper layer numbers (``1`` = last conv block) and stage names into stage names."""
@@ -120,10 +146,16 @@ class FeatureBackbone(nn.Module):
                 names.append(self.paper_layers[i - 1])
             elif layer in self.channels:
                 names.append(layer)
+            elif isinstance(layer, str) and self.tap_module(layer) is not None:
+                module = self.tap_module(layer)
+                self.channels[layer] = module.num_features if isinstance(module, nn.BatchNorm2d) \
+                    else module.out_channels
+                names.append(layer)
             else:
                 raise ValueError(
                     f"{self.name} has no layer {layer!r}; choose a paper layer number "
-                    f"1..{len(self.paper_layers)} or one of {', '.join(self.layer_names)}"
+                    f"1..{len(self.paper_layers)}, one of {', '.join(self.layer_names)}, or a tap "
+                    f"'<stage>:<batch norm or conv inside it>' (e.g. 'head:1')"
                 )
         if len(set(names)) != len(names):
             raise ValueError(f"layers repeat: {list(layers)} -> {names}")
@@ -138,16 +170,24 @@ class FeatureBackbone(nn.Module):
         Runs the stages in order and stops after the deepest requested one.
         """
         wanted = set(layers)
-        unknown = wanted - set(self.channels)
+        unknown = {layer for layer in wanted if layer not in self.channels}
         if unknown:
             raise ValueError(f"{self.name} has no layer(s) {sorted(unknown)}")
+        taps: dict[str, list[str]] = {}
+        for layer in wanted - set(self.stages):
+            taps.setdefault(layer.partition(":")[0], []).append(layer)
         x = self.normalise(images)
         out: dict[str, torch.Tensor] = {}
         for name, stage in self.stages.items():
-            if self.checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
+            hooks = [self.tap_module(t).register_forward_hook(_tap_hook(out, t)) for t in taps.get(name, ())]
+            try:
+                if self.checkpointing and torch.is_grad_enabled():
+                    x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+                else:
+                    x = stage(x)
+            finally:
+                for hook in hooks:
+                    hook.remove()
             if name in wanted:
                 out[name] = x
                 if len(out) == len(wanted):
@@ -282,6 +322,17 @@ class TFSameConv2d(nn.Conv2d):
         mode = "mirrored" if self.mirrored else "traceable" if _exporting() else "eager"
         return tf_same_conv2d(x, self.weight, self.bias, self.stride[0], self.dilation[0], self.groups, mode,
                               self.kernel_size)
+
+
+def _tap_hook(out: dict, name: str):
+    """A forward hook that stores its module's output as ``out[name]`` (once per pass)."""
+
+    def hook(_module, _inputs, output):
+        if name in out:
+            raise RuntimeError(f"tap {name!r} ran twice in one pass of its stage; tap a module that runs once")
+        out[name] = output
+
+    return hook
 
 
 class TraceableFeatures(nn.Module):

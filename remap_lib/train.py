@@ -671,7 +671,7 @@ class Trainer:
         # never trained: the ImageNet classifier and stages after the deepest pooled layer (no gradient
         # reaches them, and DDP requires every trainable parameter to take part in the loss)
         names = list(backbone.stages)
-        deepest = max(names.index(layer) for layer in self.model.layers)
+        deepest = max(names.index(layer.partition(":")[0]) for layer in self.model.layers)  # a tap: its stage
         for name in names[deepest + 1:]:
             backbone.stages[name].requires_grad_(False)
         if backbone.classifier is not None:

@@ -85,6 +85,30 @@ def test_unknown_layers_and_backbones_are_clear_errors(lite0):
         build_backbone("efficientnet_lite0", weights=None)
 
 
+def test_taps_read_a_convolution_inside_a_stage_before_its_cap():
+    backbone = build_backbone("efficientnet_lite0")  # own instance: resolving a tap registers its channels
+    x = torch.rand(2, 3, 96, 128)
+    names = backbone.resolve_layers(["head:1", "block15:_bn0", 1, 2])
+    assert names == ("head:1", "block15:_bn0", "head", "block15")
+    assert backbone.channels["head:1"] == 1280 and backbone.channels["block15:_bn0"] == 1152
+    assert backbone.layer_names[-5:] == ("block14", "block15:_bn0", "block15", "head:1", "head")
+    with torch.no_grad():
+        maps = backbone(x, names)
+        assert maps["block15:_bn0"].shape == (2, 1152, 3, 4)
+        # the head's post-ReLU6 map is the tapped pre-cap map clipped: the tap is the same convolution
+        assert torch.equal(maps["head"], maps["head:1"].clamp(0, 6))
+        assert maps["head:1"].max() > 6 and maps["head:1"].min() < 0
+        # hooks are removed after each pass: a later pass without the taps returns only what it asks for
+        assert list(backbone(x, ["head"])) == ["head"]
+        # the export path (flipped, mirrored convolutions) reads the taps too
+        traced = TraceableFeatures(backbone, ["head:1", "block15:_bn0"])(x)
+        assert torch.allclose(traced[0], maps["head:1"], atol=1e-4)
+        assert torch.allclose(traced[1], maps["block15:_bn0"], atol=1e-4)
+    for bad in ("head:2", "head:0.weight", "nosuch:1", "block15:_swish"):  # ReLU6 runs twice in a block
+        with pytest.raises(ValueError, match="tap"):
+            backbone.resolve_layers([bad])
+
+
 def test_missing_weight_file_is_an_error_not_a_random_model(tmp_path):
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         build_backbone("efficientnet_lite0", weights=str(tmp_path / "nope.pth"))
