@@ -14,6 +14,9 @@ The package follows the pipeline:
 ``klw``                KL-divergence region weights (paper §III-B)
 ``train``              end-to-end fine-tuning: triplets, hard negatives, resume, DDP
 ``verification``       SIFT + RANSAC inlier counts: verified training pairs
+``proposals``          learned region proposals (RPN) pooled as R-MAC (Gordo et al.)
+``landmark_boxes``     landmark boxes from the inliers of verified pairs (RPN targets)
+``train_rpn``          training of the region proposal network (resumes)
 ``evaluate``           descriptors of a benchmark; mAP (``metrics``) by the protocols
 ``index``              faiss indexes (flat, PQ, IVF-PQ, refine, on disk) with checks
 ``config``             one plain-data description of a model

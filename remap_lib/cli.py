@@ -8,6 +8,7 @@
     remap klw -d DATASET -o klw.json     KL-divergence region weights from a dataset with groups
     remap train --config FILE            fine-tune with triplets and hard negatives (resumes)
     remap verify-pairs DATASET -o CSV    training pairs verified by SIFT + RANSAC inliers (paper §IV-A)
+    remap train-rpn --config FILE        learned region proposals (Gordo et al.) from verified pairs (resumes)
     remap index build|add|search         faiss index of extracted descriptors (Flat, PQ, IVF-PQ...)
     remap demo-data                      build the embedded demo benchmark
     remap download NAME --root DIR       fetch a standard benchmark (online users)
@@ -327,6 +328,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_rpn(args) -> int:
+    from dataclasses import replace
+
+    from .train_rpn import RPNTrainConfig, train_rpn
+
+    cfg = RPNTrainConfig.load(args.config)
+    overrides = {key: getattr(args, key) for key in ("steps", "checkpoint_every", "out_dir", "device")
+                 if getattr(args, key) is not None}
+    cfg = replace(cfg, **overrides)  # checked again by RPNTrainConfig, like the YAML values
+    history = train_rpn(cfg)
+    last = history[-1] if history else {}
+    recall = {k: v for k, v in last.items() if k.startswith("val_recall")}
+    print(f"{last.get('step', 0)} updates; loss {last.get('loss')}"
+          + (f"; held-out box recall at IoU 0.5: {recall}" if recall else "")
+          + f"; model with the trained proposals: {os.path.join(cfg.out_dir, 'model.pt')}")
+    return 0
+
+
 def cmd_verify_pairs(args) -> int:
     from .verification import MatchSettings, verify_pairs
 
@@ -590,6 +609,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="override: output folder")
     p.add_argument("--device", default=None, help="override: auto, cpu, cuda")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-rpn", help="train the region proposal network of a `regions: rpn` model on the "
+                       "inlier boxes of verified pairs (Gordo et al.; resumes from out_dir)")
+    p.add_argument("--config", required=True, help="train-rpn config YAML (see configs/train_rpn_landmarks_cpu.yaml)")
+    p.add_argument("--steps", type=positive_int, default=None, help="override: parameter updates")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
+                   help="override: write the checkpoint every N updates (and after the last)")
+    p.add_argument("--out-dir", default=None, help="override: output folder")
+    p.add_argument("--device", default=None, help="override: auto, cpu, cuda")
+    p.set_defaults(func=cmd_train_rpn)
 
     p = sub.add_parser("verify-pairs", help="sample training pairs per group and keep those whose SIFT + RANSAC "
                        "inliers lie within bounds (paper Sec. IV-A)")

@@ -15,10 +15,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HEADS", "LAYER_WEIGHTS", "ModelConfig", "PAPER_MULTISCALE"]
+__all__ = ["HEADS", "LAYER_WEIGHTS", "REGIONS", "ModelConfig", "PAPER_MULTISCALE"]
 
 HEADS = ("mac", "spoc", "gem", "rmac", "remap")
 LAYER_WEIGHTS = ("none", "ones", "kl")
+REGIONS = ("grid", "rpn")
+
+# Options added after the first release: left out of the digest while they hold their default, so
+# that the digests of existing configs (recorded with descriptors and indexes) do not change.
+_LATER_OPTIONS = ("layer_weights", "regions", "proposals", "rpn_anchor_sizes", "rpn_aspect_ratios",
+                  "rpn_width", "rpn_nms", "rpn_min_size")
 
 # Paper Eq. 3: X = 2·X(1024×768) + 1.4·X(1280×960).
 PAPER_MULTISCALE = {"image_sizes": (1024, 1280), "scale_weights": (2.0, 1.4)}
@@ -58,6 +64,22 @@ class ModelConfig:
             query cropped to its box keeps the scale of the objects in the
             database images.  Measured on the rParis subset, enlarging the crops
             costs SPoC 9 points of Medium mAP (75.8 → 66.8).
+        regions: where R-MAC pools.  ``"grid"`` (default): the rigid multi-scale
+            grid of ``levels`` scales.  ``"rpn"``: the top ``proposals`` boxes of a
+            learned region proposal network on the (single) layer's map (Gordo et
+            al. 2016; :mod:`remap_lib.proposals`), for ``head="rmac"`` only; it is
+            trained by ``remap train-rpn`` and saved in the model's checkpoint.
+        proposals: k, the top-k proposals pooled per image with ``regions="rpn"``
+            (Gordo et al. go up to 256).
+        rpn_anchor_sizes: anchor sides in feature-map cells (the anchor area is
+            the side squared); ``rpn_aspect_ratios``: anchor height / width.
+            Every map cell gets ``len(sizes) × len(ratios)`` anchors.
+        rpn_width: channels of the RPN's hidden 3×3 conv (256, as Ren et al.'s
+            RPN on ZF), after a 1×1 reduction of the map.
+        rpn_nms: IoU threshold of the non-maximum suppression among proposals.
+        rpn_min_size: proposals narrower or lower than this many cells after
+            clipping to the map are dropped (at least 1, so that every kept
+            proposal covers a cell once its edges are rounded to the grid).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -74,6 +96,13 @@ class ModelConfig:
     scale_weights: list[float] = field(default_factory=lambda: [1.0])
     upscale: bool = False
     layer_weights: str = "none"
+    regions: str = "grid"
+    proposals: int = 256
+    rpn_anchor_sizes: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0, 32.0])
+    rpn_aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_width: int = 256
+    rpn_nms: float = 0.7
+    rpn_min_size: float = 1.0
 
     def __post_init__(self):
         self.head = self.head.lower()
@@ -96,6 +125,30 @@ class ModelConfig:
             raise ValueError(f"levels must be >= 1, got {self.levels}")
         if self.layer_weights not in LAYER_WEIGHTS:
             raise ValueError(f"layer_weights must be one of {', '.join(LAYER_WEIGHTS)}, got {self.layer_weights!r}")
+        self._check_regions()
+
+    def _check_regions(self) -> None:
+        if self.regions not in REGIONS:
+            raise ValueError(f"regions must be one of {', '.join(REGIONS)}, got {self.regions!r}")
+        self.rpn_anchor_sizes = [float(s) for s in self.rpn_anchor_sizes]
+        self.rpn_aspect_ratios = [float(r) for r in self.rpn_aspect_ratios]
+        if not self.rpn_anchor_sizes or any(not s > 0 for s in self.rpn_anchor_sizes):
+            raise ValueError(f"rpn_anchor_sizes must be positive numbers of cells, got {self.rpn_anchor_sizes}")
+        if not self.rpn_aspect_ratios or any(not r > 0 for r in self.rpn_aspect_ratios):
+            raise ValueError(f"rpn_aspect_ratios must be positive (height / width), got {self.rpn_aspect_ratios}")
+        for name in ("proposals", "rpn_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if not 0.0 < self.rpn_nms <= 1.0:
+            raise ValueError(f"rpn_nms must be an IoU threshold in (0, 1], got {self.rpn_nms}")
+        if not self.rpn_min_size >= 1.0:
+            raise ValueError(f"rpn_min_size must be at least 1 cell, got {self.rpn_min_size}")
+        if self.regions == "rpn":
+            if self.head != "rmac":
+                raise ValueError(f"regions 'rpn' pools learned proposals as R-MAC: use head 'rmac', not {self.head!r}")
+            if len(self.layers) != 1:
+                raise ValueError(f"regions 'rpn' proposes boxes on one map: give one layer, got {self.layers}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -116,8 +169,11 @@ class ModelConfig:
         their default, so the digests of existing configs do not change.
         """
         data = self.to_dict()
-        if data.get("layer_weights") == "none":
-            del data["layer_weights"]
+        for f in dataclasses.fields(self):
+            if f.name in _LATER_OPTIONS:
+                default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+                if data[f.name] == default:
+                    del data[f.name]
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

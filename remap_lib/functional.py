@@ -30,6 +30,7 @@ __all__ = [
     "spoc_centre_prior",
     "gem",
     "rmac",
+    "rmac_boxes",
     "weighted_region_sum",
     "triplet_loss",
     "contrastive_loss",
@@ -311,6 +312,24 @@ def rmac(x: torch.Tensor, levels: int = 3, full_map: bool = False, eps: float = 
     boxes = rmac_regions(x.shape[-2], x.shape[-1], levels, full_map=full_map)
     regions = l2n(roi_max_pool(x, boxes), eps)
     return l2n(regions.sum(dim=1), eps)
+
+
+def rmac_boxes(x: torch.Tensor, boxes, eps: float = 1e-6) -> torch.Tensor:
+    """R-MAC over regions of each image's own: max-pool → L2 → sum → L2, ``(N, C)``.
+
+    ``boxes[n]`` is an ``(R_n, 4)`` int64 tensor of boxes (the conventions
+    above) of image ``n``; the count may differ from image to image.  This is
+    the pooling of learned region proposals (Gordo et al. 2016), which are
+    found per image (:mod:`remap_lib.proposals`); with the grid of
+    :func:`rmac_regions` for every image it equals :func:`rmac`.  The loop runs
+    over images; the regions of an image are pooled in one vectorised
+    :func:`roi_max_pool` call.
+    """
+    if x.dim() != 4 or len(boxes) != x.shape[0]:
+        raise ValueError(f"need (N, C, H, W) maps and one box tensor per image, got shape {tuple(x.shape)} "
+                         f"and {len(boxes)} box tensors")
+    pooled = [l2n(roi_max_pool(x[n:n + 1], b), eps).sum(dim=1) for n, b in enumerate(boxes)]
+    return l2n(torch.cat(pooled), eps)
 
 
 # --------------------------------------------------------------------------- losses

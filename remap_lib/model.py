@@ -40,7 +40,11 @@ class WhiteningNotLearnedError(RuntimeError):
     """The config asks for a whitening layer that has not been learned yet."""
 
 
-def _stream(config: ModelConfig) -> nn.Module:
+def _stream(config: ModelConfig, channels: int) -> nn.Module:
+    if config.regions == "rpn":  # R-MAC over learned proposals (ModelConfig checks the head)
+        from .proposals import ProposalRMAC
+
+        return ProposalRMAC.from_config(channels, config)
     if config.head == "mac":
         return MAC()
     if config.head == "spoc":
@@ -89,7 +93,7 @@ class RetrievalModel(nn.Module):
         self.backbone = backbone if backbone is not None else build_backbone(config.backbone, config.weights)
         config.layers = list(self.backbone.resolve_layers(config.layers))
         self.config = config
-        self.streams = nn.ModuleDict({layer: _stream(config) for layer in config.layers})
+        self.streams = nn.ModuleDict({layer: _stream(config, self.backbone.channels[layer]) for layer in config.layers})
         # per-layer balance (ModelConfig.layer_weights); absent by default, so old checkpoints load unchanged
         self.layer_weights = RegionWeights(torch.ones(len(config.layers))) if config.layer_weights != "none" else None
         self.pooled_dim = sum(self.backbone.channels[layer] for layer in config.layers)
@@ -184,6 +188,35 @@ class RetrievalModel(nn.Module):
             )
         total = sum(w * self(x) for w, x in zip(self.config.scale_weights, images_per_scale))
         return RF.l2n(total)
+
+    # ------------------------------------------------------------------ learned proposals
+    def _proposal_stream(self):
+        if self.config.regions != "rpn":
+            raise ValueError(f"this model pools the {self.config.regions} regions, not learned proposals "
+                             "(ModelConfig(head='rmac', regions='rpn'))")
+        return self.streams[self.layers[0]]
+
+    @torch.no_grad()
+    def proposals(self, images: torch.Tensor, k: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The learned regions of each image: ``(boxes (R, 4), scores (R,))``, best first, at most ``k``.
+
+        Boxes are floats ``[x0, y0, x1, y1]`` in the pixels of ``images``
+        (a cell of the map covers ``image size / map size`` pixels), before
+        the rounding to cells that pooling applies; ``k`` defaults to
+        ``config.proposals``.  For pictures and box recall (Gordo et al. Fig. 3).
+        """
+        stream = self._proposal_stream()
+        fmap = self.feature_maps(images)[self.layers[0]]
+        sx, sy = images.shape[-1] / fmap.shape[-1], images.shape[-2] / fmap.shape[-2]
+        scale = torch.tensor([sx, sy, sx, sy], device=fmap.device)
+        return [(b * scale, s) for b, s in stream.rpn.propose(fmap, k or stream.k)]
+
+    def set_proposal_count(self, k: int) -> None:
+        """Pool the top ``k`` proposals from now on (``config.proposals`` follows, and so does the digest)."""
+        stream = self._proposal_stream()
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a whole number >= 1, got {k!r}")
+        stream.k = self.config.proposals = k
 
     # ------------------------------------------------------------------ parameters
     def region_weights(self) -> dict[str, torch.Tensor]:

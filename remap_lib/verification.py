@@ -83,6 +83,7 @@ __all__ = [
     "count_inliers",
     "draw_matches",
     "geometric_matches",
+    "inlier_boxes",
     "load_pairs",
     "match_features",
     "sample_pairs",
@@ -742,3 +743,30 @@ def draw_matches(path_a, path_b, *, settings: MatchSettings | None = None, show_
             f"({settings.method}, {settings.ransac_threshold:g} px)")
     cv2.putText(band, text, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
     return np.vstack([band, canvas])
+
+
+# --------------------------------------------------------------------------- boxes of the inliers
+
+
+def inlier_boxes(feat_a: Features, feat_b: Features, ratio: float = 0.8, method: str = "homography",
+                 ransac_threshold: float | None = None) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    """The bounding box of the RANSAC inliers in each image: a box of what the two photos share.
+
+    Gordo et al. (Deep Image Retrieval, 2016) train their region proposal
+    network on landmark boxes found this way, without hand labels: in a
+    verified matching pair, the inlier keypoints lie on the landmark, so their
+    bounding box in each image is a box of the landmark (of the part both
+    photos see).  Returns ``(box_a, box_b, inliers)``: ``[x0, y0, x1, y1]``
+    float64 arrays in the pixels of the images *as given* to
+    :func:`sift_features` (not the shrunk ones), spanning the inlier keypoint
+    centres, and the inlier count; ``(None, None, 0)`` when no geometric model
+    was found (see :func:`geometric_matches`).
+    """
+    matches, inliers, model = geometric_matches(feat_a, feat_b, ratio, method, ransac_threshold)
+    if model is None or not inliers.any():
+        return None, None, 0
+    boxes = []
+    for feat, column in ((feat_a, 0), (feat_b, 1)):
+        xy = feat.xy[matches[inliers, column]].astype(np.float64) / np.asarray(feat.scale, np.float64)
+        boxes.append(np.concatenate([xy.min(axis=0), xy.max(axis=0)]))
+    return boxes[0], boxes[1], int(inliers.sum())
