@@ -15,7 +15,7 @@ import numpy as np
 
 from remap_lib.config import ModelConfig
 from remap_lib.datasets import load_revisited, load_ukbench
-from remap_lib.demo_data import load_demo_set
+from remap_lib.datasets import load_demo_set
 from remap_lib.evaluate import describe
 from remap_lib.whitening import learn_pca_whitening
 

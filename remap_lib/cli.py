@@ -267,7 +267,8 @@ def cmd_notebooks(args) -> int:
 
 
 def cmd_demo_data(args) -> int:
-    from .demo_data import build_demo_set, load_demo_set
+    from .datasets import load_demo_set
+    from .demo_data import build_demo_set
 
     root = build_demo_set(args.out, force=args.force)
     print(load_demo_set(root, build=False).summary())

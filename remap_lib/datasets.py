@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
@@ -44,6 +45,7 @@ __all__ = [
     "RetrievalDataset",
     "load_csv_groups",
     "load_dataset",
+    "load_demo_set",
     "load_folder_groups",
     "load_holidays",
     "load_oxford_paris",
@@ -432,8 +434,6 @@ def load_dataset(spec: str, *, crop_queries: bool = True, allow_missing: bool = 
     layouts, ``allow_missing`` to those and UKBench and CSVs, ``rotations`` to Holidays.
     """
     if spec == "demo":
-        from .demo_data import load_demo_set
-
         return load_demo_set()
     path = Path(spec)
     if path.suffix.lower() == ".csv":
@@ -481,3 +481,29 @@ def parse_group_range(spec: str) -> range:
     except ValueError:
         raise ValueError(f"group range must look like LO-HI (e.g. 0-99), got {spec!r}") from None
     return range(lo, hi + 1)
+
+
+def load_demo_set(root: str | os.PathLike | None = None, build: bool = True):
+    """The demo set as a :class:`RetrievalDataset` (built first by :mod:`remap_lib.demo_data` if needed).
+
+    The reader lives here with the other readers; ``demo_data`` only builds
+    the folder (``jpg/`` and ``gnd.json``), so the import runs one way.
+    """
+    from .demo_data import CHALLENGES, build_demo_set, default_demo_dir
+
+    root = Path(root) if root is not None else default_demo_dir()
+    if build:
+        build_demo_set(root)
+    meta_path = root / "gnd.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"no demo set in {root}; build it with `remap demo-data`")
+    meta = json.loads(meta_path.read_text())
+    kinds = meta["kinds"]
+    images = [ImageSpec(str(root / "jpg" / f"{n}.jpg")) for n in meta["imlist"]]
+    queries = [ImageSpec(str(root / "jpg" / f"{n}.jpg")) for n in meta["qimlist"]]
+    gnd = {"all": [{"ok": e["ok"], "junk": []} for e in meta["gnd"]]}
+    for challenge in ("multiview",) + CHALLENGES:
+        gnd[challenge] = [{"ok": [i for i in e["ok"] if kinds[i] == challenge],
+                           "junk": [i for i in e["ok"] if kinds[i] != challenge]} for e in meta["gnd"]]
+    return RetrievalDataset("demo", images, queries, gnd, meta["groups"], "all",
+                            ["built from packaged photos; see data/cache/demo/provenance.json"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .demo_data import load_demo_set
+from .datasets import load_demo_set
 from .evaluate import COLOUR_HISTOGRAM, MethodResult, evaluate, format_table
 
 __all__ = ["demo_methods", "run_demo"]

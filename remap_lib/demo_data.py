@@ -436,25 +436,3 @@ def build_demo_set(out_dir: str | os.PathLike | None = None, package_cache: str 
     os.replace(tmp, stamp)
     log.info("demo set: %d database images, %d queries in %s", len(imlist), len(qimlist), out)
     return out
-
-
-def load_demo_set(root: str | os.PathLike | None = None, build: bool = True):
-    """The demo set as a :class:`~remap_lib.datasets.RetrievalDataset` (built first if needed)."""
-    from .datasets import RetrievalDataset
-
-    root = Path(root) if root is not None else default_demo_dir()
-    if build:
-        build_demo_set(root)
-    meta_path = root / "gnd.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"no demo set in {root}; build it with `remap demo-data`")
-    meta = json.loads(meta_path.read_text())
-    kinds = meta["kinds"]
-    images = [ImageSpec(str(root / "jpg" / f"{n}.jpg")) for n in meta["imlist"]]
-    queries = [ImageSpec(str(root / "jpg" / f"{n}.jpg")) for n in meta["qimlist"]]
-    gnd = {"all": [{"ok": e["ok"], "junk": []} for e in meta["gnd"]]}
-    for challenge in ("multiview",) + CHALLENGES:
-        gnd[challenge] = [{"ok": [i for i in e["ok"] if kinds[i] == challenge],
-                           "junk": [i for i in e["ok"] if kinds[i] != challenge]} for e in meta["gnd"]]
-    return RetrievalDataset("demo", images, queries, gnd, meta["groups"], "all",
-                            ["built from packaged photos; see data/cache/demo/provenance.json"])

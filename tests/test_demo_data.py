@@ -12,6 +12,7 @@ from PIL import Image
 
 from remap_lib import demo_data as D
 from remap_lib.config import ModelConfig
+from remap_lib.datasets import load_demo_set
 from remap_lib.evaluate import COLOUR_HISTOGRAM, evaluate
 
 PACKAGES = D.default_demo_dir().parent / "packages"  # shared download cache (ignored by git)
@@ -33,7 +34,7 @@ def test_build_is_deterministic(built, tmp_path):
 
 
 def test_structure_and_ground_truth(built):
-    ds = D.load_demo_set(built, build=False)
+    ds = load_demo_set(built, build=False)
     n_mv, n_gen, n_dis = len(D.MULTIVIEW), len(D.GENERATED), len(D.DISTRACTORS)
     assert len(ds.queries) == n_mv + n_gen == 21
     assert len(ds.images) == 3 * n_mv + 5 * n_gen + 4 * n_dis == 153
@@ -98,7 +99,7 @@ def test_identity_perspective_and_challenge_views_keep_size():
 
 def test_demo_set_is_not_trivial(built):
     """A colour histogram does clearly worse than a CNN, and the CNN is not perfect."""
-    ds = D.load_demo_set(built, build=False)
+    ds = load_demo_set(built, build=False)
     res = evaluate({"colour": COLOUR_HISTOGRAM, "rmac": ModelConfig(head="rmac", image_sizes=[320])},
                    {"demo": ds}, progress=False)
     colour, rmac = (r.scores["all"]["map"] for r in res)
