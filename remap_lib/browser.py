@@ -36,6 +36,15 @@ together, so
   ``benchmarks/finetune_landmarks.py`` also scores models trained at 320 px on
   1024 px images.
 
+Learned proposals.  ``checkpoints={"rpn": "runs/train-rpn-landmarks-cpu/model.pt"}``
+adds a third row: R-MAC pooled over the top-k regions of a trained region
+proposal network (a ``regions: rpn`` model of ``remap train-rpn``, Gordo et
+al. 2016; :mod:`remap_lib.proposals`) instead of the grid.  It is a trained
+model like the fine-tuned ones (its own backbone pass unless its backbone is
+the ImageNet one, which ``remap train-rpn`` keeps frozen; the scales and
+layers widgets leave it alone), but one setting stays free: the number of
+proposals ``k`` it pools (a dropdown, :meth:`QueryBrowser.set_proposals`).
+
 The results are plain HTML (``<div class="remap-results" data-ranking="...">``),
 so that a browser test can read what is shown.
 """
@@ -61,6 +70,8 @@ __all__ = ["QueryBrowser", "load_fine_tuned"]
 
 COLOURS = {"ok": "#1a9641", "wrong": "#d7191c", "junk": "#999999"}
 HEADS = {"rmac": "R-MAC", "remap": "REMAP"}  # the two rows, in display order
+ROWS = {**HEADS, "rpn": "R-MAC over learned proposals"}  # and the optional third, shown when its checkpoint is given
+PROPOSAL_COUNTS = (8, 16, 32, 64, 128, 256)  # what the k dropdown of the proposals row offers
 
 
 def _thumb_png(spec, size: int = 120) -> bytes:
@@ -72,15 +83,17 @@ def _thumb_png(spec, size: int = 120) -> bytes:
 def load_fine_tuned(source, head: str):
     """The trained model for the ``head`` row: a :class:`RetrievalModel` as it is, or a ``model.pt`` path loaded.
 
-    Errors name the row and the file: a missing file, a file that is not a
-    remap model (damaged, a training state ``checkpoint.pt`` instead of the
-    ``model.pt`` beside it, NaN weights), or a model of another head.
+    ``head`` is ``"rmac"``, ``"remap"`` or ``"rpn"`` (the learned-proposals
+    row: a ``regions: rpn`` model with a trained RPN).  Errors name the row and
+    the file: a missing file, a file that is not a remap model (damaged, a
+    training state ``checkpoint.pt`` instead of the ``model.pt`` beside it, NaN
+    weights), or a model of another head or other regions.
     """
     from .model import RetrievalModel
 
-    if head not in HEADS:
-        raise ValueError(f"no {head!r} row in the browser; checkpoints can replace {', '.join(HEADS)}")
-    name = HEADS[head]
+    if head not in ROWS:
+        raise ValueError(f"no {head!r} row in the browser; checkpoints can fill {', '.join(ROWS)}")
+    name = ROWS[head]
     if isinstance(source, RetrievalModel):
         model = source
     elif isinstance(source, (str, os.PathLike)):
@@ -89,7 +102,8 @@ def load_fine_tuned(source, head: str):
             raise FileNotFoundError(
                 f"{name} checkpoint {path}: no such file (from {os.getcwd()}). A fine-tuned model.pt is written "
                 "by `remap train --config FILE` (into its out_dir) or `python benchmarks/finetune_landmarks.py` "
-                "(runs/finetune_landmarks/<row>/train/model.pt)")
+                "(runs/finetune_landmarks/<row>/train/model.pt); a proposals model.pt by `remap train-rpn --config "
+                "configs/train_rpn_landmarks_cpu.yaml` (runs/train-rpn-landmarks-cpu/model.pt)")
         try:
             model = RetrievalModel.load(path)
         except ValueError as exc:
@@ -97,9 +111,21 @@ def load_fine_tuned(source, head: str):
                              "not its checkpoint.pt)") from exc
     else:
         raise TypeError(f"{name} checkpoint: expected a model.pt path or a RetrievalModel, got {type(source).__name__}")
-    if model.config.head != head:
+    regions = getattr(model.config, "regions", "grid")
+    if head == "rpn":
+        if regions != "rpn":
+            raise ValueError(f"the {name} row shows a regions: rpn model (`remap train-rpn`); this checkpoint pools "
+                             f"the {regions} regions of a {model.config.head} head: give it to the "
+                             f"{HEADS.get(model.config.head, model.config.head)} row")
+        if not bool(model.streams[model.layers[0]].rpn.trained):
+            raise ValueError(f"{name} checkpoint: its region proposal network was never trained; train it with "
+                             "`remap train-rpn` and give the model.pt it writes")
+    elif model.config.head != head:
         raise ValueError(f"the {name} row shows a {head} model; this checkpoint has a {model.config.head} head "
                          f"({HEADS.get(model.config.head, model.config.head)}): give it to its own row")
+    elif regions == "rpn":
+        raise ValueError(f"the {name} row shows the grid; this checkpoint pools learned proposals (regions: rpn): "
+                         "give it as checkpoints={'rpn': ...}, the third row")
     if model.whiten is not None and not bool(model.whitening_learned):
         raise ValueError(f"{name} checkpoint: its whitening layer was never learned (a trained model.pt has it)")
     return model
@@ -129,7 +155,8 @@ class QueryBrowser:
         max_map_bytes: feature maps kept in memory per backbone; the rest go to disk (see the module docstring).
         checkpoints: ``{"rmac" | "remap": model.pt path or RetrievalModel}``: rows shown as fine-tuned
             models, fixed, instead of built by the widgets (see the module docstring); a ``None``
-            value leaves its row to the widgets.
+            value leaves its row to the widgets.  ``"rpn"``: a ``regions: rpn`` model, shown in a
+            third row (R-MAC over its top-k learned proposals; ``k`` from a dropdown).
 
     ``build_seconds`` is how long the backbone passes took; ``head_maps`` the kept maps each row pools.
     """
@@ -149,6 +176,8 @@ class QueryBrowser:
         self.trained_sizes = {head: list(m.config.image_sizes) for head, m in trained.items()}
         self.fine_tuned = {head: _at_size(m, image_size) for head, m in trained.items()}
         self.widget_heads = [h for h in HEADS if h not in self.fine_tuned]
+        self.rows = [h for h in ROWS if h in HEADS or h in self.fine_tuned]
+        self.proposals = self.fine_tuned["rpn"].config.proposals if "rpn" in self.fine_tuned else None
         self.backbone = backbone or (build_backbone("efficientnet_lite0") if self.widget_heads else None)
         self.cache: dict = {}
         self._thumbs: dict[tuple, str] = {}
@@ -186,13 +215,19 @@ class QueryBrowser:
         return self.scales, (1,) if self.layers == "1" else (1, 2), self.weighting
 
     def _key(self, head: str) -> tuple:
-        """The cache key of ``head``'s descriptors: a fine-tuned row has one, whatever the widgets say."""
+        """The cache key of ``head``'s descriptors: a fine-tuned row has one whatever the widgets say (proposals: one per k)."""
+        if head == "rpn":
+            return head, "fine-tuned", self.proposals
         return (head, "fine-tuned") if head in self.fine_tuned else (head, *self._setting(head))
 
     def model(self, head: str):
-        """The model of the ``head`` row now (``"rmac"`` or ``"remap"``): the fine-tuned one, or what the widgets ask for."""
+        """The model of the ``head`` row now (``"rmac"``, ``"remap"``, ``"rpn"``): trained (proposals at k) or the widgets'."""
         from .model import RetrievalModel
 
+        if head == "rpn":
+            model = self.fine_tuned[head]
+            model.set_proposal_count(self.proposals)
+            return model
         if head in self.fine_tuned:
             return self.fine_tuned[head]
         scales, layers, weighting = self._setting(head)
@@ -227,6 +262,13 @@ class QueryBrowser:
         m = self.fine_tuned[head]
         paper = m.backbone.paper_layers
         layers = "+".join(str(paper.index(n) + 1) if n in paper else n for n in m.layers)
+        if head == "rpn":
+            parts = [f"top {self.proposals} proposals", f"layer{'s' if len(m.layers) > 1 else ''} {layers}"]
+            if m.whiten is not None:
+                parts.append(f"whitened {m.output_dim}-D")
+            if self.trained_sizes[head] != [self.image_size]:
+                parts.append(f"trained at {'/'.join(map(str, self.trained_sizes[head]))} px")
+            return f"{ROWS[head]} (RPN, {', '.join(parts)})"
         parts = [f"S = {m.config.levels}", f"layer{'s' if len(m.layers) > 1 else ''} {layers}"]
         if m.whiten is not None:
             parts.append(f"whitened {m.output_dim}-D")
@@ -247,7 +289,7 @@ class QueryBrowser:
 
         rows = []
         rankings = {}
-        for head in HEADS:
+        for head in self.rows:
             ranking = self.ranking(head)
             rankings[head] = ranking
             _, _, m = self.descriptors(head)
@@ -278,12 +320,18 @@ class QueryBrowser:
         self.weighting_toggle = W.ToggleButtons(options=["uniform", "KL"] if self.kl and not remap_fixed
                                                 else ["uniform"], value=self.weighting, description="weights",
                                                 disabled=remap_fixed)
+        counts = sorted({*PROPOSAL_COUNTS, self.proposals}) if self.proposals else list(PROPOSAL_COUNTS)
+        self.proposals_dropdown = W.Dropdown(options=counts, value=self.proposals or counts[-1],
+                                             description="proposals k", disabled=self.proposals is None,
+                                             layout=W.Layout(width="180px"))
         self.scales_slider.observe(lambda ch: self.set_scales(ch["new"]), names="value")
+        self.proposals_dropdown.observe(lambda ch: self.set_proposals(ch["new"]), names="value")
         self.layers_toggle.observe(lambda ch: self._set(layers=ch["new"]), names="value")
         self.weighting_toggle.observe(lambda ch: self._set(weighting=ch["new"]), names="value")
         self.output = W.HTML()
         self.widget = W.VBox([W.HBox(thumbs, layout=W.Layout(flex_flow="row wrap")),
-                              W.HBox([self.scales_slider, self.layers_toggle, self.weighting_toggle]), self.output])
+                              W.HBox([self.scales_slider, self.layers_toggle, self.weighting_toggle]
+                                     + ([self.proposals_dropdown] if self.proposals else [])), self.output])
         self.refresh()
 
     def refresh(self):
@@ -299,6 +347,13 @@ class QueryBrowser:
             self.weighting = "uniform"
             self.weighting_toggle.value = "uniform"
         self.scales = scales
+        self.refresh()
+
+    def set_proposals(self, k: int):
+        """Pool the top ``k`` learned proposals in the proposals row (re-pooled from the kept maps)."""
+        if self.proposals is None:
+            raise ValueError("the browser has no proposals row: give checkpoints={'rpn': model.pt of remap train-rpn}")
+        self.proposals = int(k)
         self.refresh()
 
     def _set(self, **kw):

@@ -297,3 +297,80 @@ def activation_maps(model, image, size: int = 512, summary: str = "l2") -> dict[
         maps = model.feature_maps(x)
     reduce = {"max": lambda m: m.amax(0), "mean": lambda m: m.mean(0), "l2": lambda m: m.norm(dim=0)}[summary]
     return {layer: reduce(m[0].float()).cpu().numpy() for layer, m in maps.items()}
+
+
+def proposal_regions(model, image, size: int = 512, k: int = 256, levels: int = 4) -> dict:
+    """The learned proposals of a ``regions: rpn`` model and the R-MAC grid of one image, for drawing.
+
+    ``image`` (a PIL image, an :class:`~remap_lib.images.ImageSpec` or a path)
+    is described at ``size`` px (longer side) as extraction does; the map of
+    the model's layer gives the top-``k`` proposals (best first,
+    :meth:`~remap_lib.proposals.ProposalNetwork.propose`) and the ``levels``-scale
+    grid (:func:`~remap_lib.functional.rmac_regions`), both returned in the
+    pixels of ``image`` as given.  Returns ``{"image", "proposals" (K, 4),
+    "scores" (K,), "grid" (R, 4), "map_size" (h, w), "trained", "size", "levels"}``;
+    ``trained`` says whether the RPN was ever trained (an untrained one
+    proposes at random: label its pictures so).  Slice ``proposals[:k]`` for
+    fewer: the top-k of a smaller k are the first k of these.
+    """
+    import torch
+
+    from .functional import rmac_regions
+    from .images import resize_longer_side, to_tensor
+
+    img = _as_image(image)
+    layer = model.layers[0]
+    stream = model.streams[layer]
+    if not hasattr(stream, "rpn"):
+        raise ValueError(f"this model pools the {model.config.regions} regions, not learned proposals "
+                         "(a regions: rpn model of `remap train-rpn`)")
+    x = to_tensor(resize_longer_side(img.convert("RGB"), size))[None].to(model.device)
+    with torch.no_grad():
+        fmap = model.feature_maps(x)[layer]
+        boxes, scores = stream.rpn.propose(fmap, k)[0]
+    h, w = fmap.shape[-2:]
+    scale = torch.tensor([img.size[0] / w, img.size[1] / h] * 2, dtype=torch.float64)
+    return {"image": img, "proposals": boxes.cpu().double() * scale, "scores": scores.cpu(),
+            "grid": rmac_regions(h, w, levels).double() * scale, "map_size": (int(h), int(w)),
+            "trained": bool(stream.rpn.trained), "size": size, "levels": levels}
+
+
+def plot_proposals_vs_grid(regions: dict, k: int, target=None, path: str | os.PathLike | None = None):
+    """R-MAC's rigid grid (left) and the RPN's top-``k`` proposals (right) over the image (Gordo et al. Fig. 3).
+
+    ``regions`` from :func:`proposal_regions`.  The proposals are outlined
+    from the best (opaque, thick) to the ``k``-th (faint); ``target``, a box
+    ``[x0, y0, x1, y1]`` in the image's pixels (e.g. a landmark box of
+    :mod:`remap_lib.landmark_boxes`), is drawn dashed in white on both.
+    An untrained RPN is said so in the title.  Returns the figure.
+    """
+    from matplotlib.patches import Rectangle
+
+    img = regions["image"]
+    w, h = img.size
+    props = regions["proposals"][:k].tolist()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5 * h / w + 0.7))
+    grid = regions["grid"].tolist()
+    for ax, boxes, title in (
+            (axes[0], grid, f"grid, S = {regions['levels']}: {len(grid)} regions"),
+            (axes[1], props, f"RPN: top {len(props)} proposals (k = {k})" + ("" if regions["trained"]
+                                                                    else " (UNTRAINED RPN: random proposals)"))):
+        ax.imshow(np.asarray(img))
+        n = max(len(boxes), 1)
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            fade = 1 - i / n if ax is axes[1] else 0.6
+            colour = SCALE_COLOURS[1] if ax is axes[1] else SCALE_COLOURS[0]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
+                                   lw=0.6 + 2.4 * fade if ax is axes[1] else 0.8, alpha=0.25 + 0.75 * fade))
+        if target is not None:
+            x0, y0, x1, y1 = (float(v) for v in target)
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=2, ls="--"))
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    mh, mw = regions["map_size"]
+    fig.suptitle(f"regions on the {mh}x{mw} map of a {regions['size']} px image", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=80)
+    return fig

@@ -61,7 +61,7 @@ from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxe
 from . import functional as RF
 
 __all__ = ["CellAnchorGenerator", "ProposalNetwork", "ProposalRMAC", "ProposalsNotTrainedError", "anchor_grid",
-           "box_recall", "select_proposals", "snap_to_cells"]
+           "box_recall", "recall_curve", "select_proposals", "snap_to_cells"]
 
 PRE_NMS_TOP_N = 6000  # the best-scored boxes NMS looks at (Faster R-CNN's test setting)
 
@@ -190,6 +190,27 @@ def box_recall(proposals: Sequence[torch.Tensor], targets: Sequence[torch.Tensor
     if not total:
         raise ValueError("no target boxes")
     return found / total
+
+
+def recall_curve(proposals: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                 thresholds: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                 k: int | None = None) -> list[float]:
+    """:func:`box_recall` at every IoU of ``thresholds``, each overlap computed once (Gordo et al. Fig. 3, middle).
+
+    Returns one recall per threshold, in their order: the fraction of target
+    boxes whose best IoU with the first ``k`` proposals of their image is at
+    least the threshold.  A target of an image without proposals counts as missed.
+    """
+    best = []
+    for p, t in zip(proposals, targets):
+        p = torch.as_tensor(p, dtype=torch.float64).reshape(-1, 4)[:k]
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 4)
+        missed = torch.zeros(len(t), dtype=torch.float64)
+        best.append(box_iou(t, p).max(dim=1).values if len(p) and len(t) else missed)
+    best = torch.cat(best) if best else torch.zeros(0, dtype=torch.float64)
+    if not len(best):
+        raise ValueError("no target boxes")
+    return [float((best >= t).double().mean()) for t in thresholds]
 
 
 # --------------------------------------------------------------------------- the network

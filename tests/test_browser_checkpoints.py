@@ -223,3 +223,72 @@ def test_bad_checkpoints_are_refused_before_any_backbone_pass(dataset, lite0, tm
     unlearned = RetrievalModel(ModelConfig(head="rmac", whitening=True, image_sizes=[SIZE]), lite0)
     with pytest.raises(ValueError, match=r"R-MAC checkpoint: its whitening layer was never learned"):
         build({"rmac": unlearned})
+
+
+def proposal_model(imagenet, seed: int = 3) -> RetrievalModel:
+    """A ``regions: rpn`` model over the ImageNet backbone with a (random) RPN marked trained, as train-rpn saves."""
+    torch.manual_seed(seed)
+    model = RetrievalModel(ModelConfig(head="rmac", regions="rpn", proposals=8, image_sizes=[SIZE], rpn_width=16,
+                                       rpn_anchor_sizes=[1, 2, 4]), copy.deepcopy(imagenet))
+    model.streams[model.layers[0]].rpn.trained.fill_(True)
+    return model
+
+
+def test_a_proposals_model_is_a_third_row_with_its_own_k(dataset, lite0, batches, tmp_path):
+    path = tmp_path / "rpn.pt"
+    proposal_model(lite0).save(path)
+    imagenet = copy.deepcopy(lite0)
+    calls, handle = count_passes(imagenet)
+    try:
+        browser = QueryBrowser(dataset, image_size=SIZE, top_k=TOP_K, backbone=imagenet, engine="torch",
+                               device="cpu", checkpoints={"rpn": str(path)})
+    finally:
+        handle.remove()
+    assert calls[0] == batches  # its backbone is the ImageNet one (train-rpn keeps it frozen): one shared pass
+    assert browser.rows == ["rmac", "remap", "rpn"] and browser.head_maps["rpn"] is browser.maps
+    assert browser.proposals == 8 and not browser.proposals_dropdown.disabled
+    assert browser.proposals_dropdown in browser.widget.children[1].children
+
+    loaded = RetrievalModel.load(path)
+    db8, q8 = reference(loaded, dataset)
+    np.testing.assert_allclose(browser.descriptors("rpn")[0], db8, atol=1e-5)
+    for i in range(len(dataset.queries)):
+        browser.select(i)
+        expected = rank_database(q8[i:i + 1], db8, TOP_K)[0].tolist()
+        assert f"rpn:{','.join(map(str, expected))}" in browser.output.value
+    assert "R-MAC over learned proposals (RPN, top 8 proposals, layer 1)" in browser.output.value
+
+    browser.proposals_dropdown.value = 16  # as a person would pick it: pooled again from the kept maps
+    browser.set_proposals(1)
+    loaded.set_proposal_count(1)
+    db1, _ = reference(loaded, dataset)
+    np.testing.assert_allclose(browser.descriptors("rpn")[0], db1, atol=1e-5)
+    assert np.abs(db1 - db8).max() > 1e-3  # k matters
+    assert "top 1 proposals" in browser.output.value
+    # the scales slider moves the grid R-MAC row only
+    before = browser.descriptors("rpn")[0].copy()
+    browser.scales_slider.value = 3
+    np.testing.assert_array_equal(browser.descriptors("rpn")[0], before)
+    assert {k for k in browser.cache if k[0] == "rpn"} == {("rpn", "fine-tuned", 8), ("rpn", "fine-tuned", 16),
+                                                           ("rpn", "fine-tuned", 1)}
+
+
+def test_proposals_models_go_to_the_third_row_only(dataset, lite0, tmp_path, monkeypatch):
+    from remap_lib import browser as browser_module
+
+    monkeypatch.setattr(browser_module.SharedBackbone, "keep_maps",
+                        lambda *_a, **_k: pytest.fail("a backbone pass ran before the checkpoints were checked"))
+    build = lambda checkpoints: QueryBrowser(dataset, image_size=SIZE, backbone=lite0, engine="torch",
+                                             device="cpu", checkpoints=checkpoints)
+    proposal_model(lite0).save(tmp_path / "rpn.pt")
+    with pytest.raises(ValueError, match=r"R-MAC row shows the grid; .*learned proposals.*checkpoints=\{'rpn'"):
+        build({"rmac": tmp_path / "rpn.pt"})
+    trained_model(lite0, "rmac", perturb=False).save(tmp_path / "grid.pt")
+    with pytest.raises(ValueError, match=r"learned proposals row shows a regions: rpn model.*give it to the R-MAC row"):
+        build({"rpn": tmp_path / "grid.pt"})
+    untrained = proposal_model(lite0)
+    untrained.streams[untrained.layers[0]].rpn.trained.fill_(False)
+    with pytest.raises(ValueError, match=r"region proposal network was never trained.*remap train-rpn"):
+        build({"rpn": untrained})
+    with pytest.raises(FileNotFoundError, match=r"learned proposals checkpoint .*: no such file.*remap train-rpn"):
+        build({"rpn": tmp_path / "nowhere.pt"})

@@ -23,7 +23,8 @@ from remap_lib import verification as V
 from remap_lib.config import PAPER_MULTISCALE, ModelConfig
 from remap_lib.model import RetrievalModel
 from remap_lib.proposals import (CellAnchorGenerator, ProposalNetwork, ProposalRMAC, ProposalsNotTrainedError,
-                                 anchor_grid, box_recall, select_proposals, snap_to_cells)
+                                 anchor_grid, box_recall, recall_curve, select_proposals,
+                                 snap_to_cells)
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +260,22 @@ def test_box_recall_counts_targets_found_by_the_top_k():
     assert box_recall(proposals, targets, 0.5) == 0.5
     assert box_recall(proposals, targets, 0.5, k=1) == 0.0
     assert box_recall(proposals, targets, 0.95) == 0.0
+
+
+def test_recall_curve_by_hand():
+    # best IoU of each target: [4,4,8,9] vs [4,4,8,8] = 16/20 = 0.8; [5,5,6,6] = 0; [0,0,2,1] vs [0,0,1,1] = 1/2
+    proposals = [torch.tensor([[0.0, 0, 2, 2], [4, 4, 8, 8]]), torch.tensor([[0.0, 0, 1, 1]])]
+    targets = [torch.tensor([[4.0, 4, 8, 9]]), torch.tensor([[5.0, 5, 6, 6], [0, 0, 2, 1]])]
+    thresholds = (0.3, 0.5, 0.8, 0.9)
+    assert recall_curve(proposals, targets, thresholds) == pytest.approx([2 / 3, 2 / 3, 1 / 3, 0.0])
+    # top 1: image 1 keeps only [0,0,2,2], which misses its target
+    assert recall_curve(proposals, targets, thresholds, k=1) == pytest.approx([1 / 3, 1 / 3, 0.0, 0.0])
+    assert recall_curve(proposals, targets, thresholds) == pytest.approx(
+        [box_recall(proposals, targets, t) for t in thresholds])
+    # an image without proposals: its targets are missed (they still count)
+    assert recall_curve([torch.zeros(0, 4)] + proposals[1:], targets, (0.5,)) == pytest.approx([1 / 3])
+    with pytest.raises(ValueError, match="no target boxes"):
+        recall_curve(proposals, [torch.zeros(0, 4), torch.zeros(0, 4)])
 
 
 # --------------------------------------------------------------------------- the model
@@ -497,3 +514,42 @@ def test_remap_train_rpn_command_trains_on_verified_pairs_and_resumes(tmp_path, 
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train-rpn", "--config", str(tmp_path / "grid.yaml")]) == 2
     assert "regions: rpn" in capsys.readouterr().err
+
+
+def test_proposal_regions_and_their_picture(random_lite0):
+    from remap_lib.plots import plot_proposals_vs_grid, proposal_regions
+
+    torch.manual_seed(6)
+    model = RetrievalModel(_rpn_config(proposals=8, image_sizes=[128]), backbone=random_lite0).eval()
+    image = Image.fromarray((np.random.default_rng(0).random((150, 200, 3)) * 255).astype(np.uint8))
+    r = proposal_regions(model, image, size=256, k=20, levels=2)
+    assert r["map_size"] == (6, 8) and r["trained"] is False  # 256x192 px at stride 32
+    # the grid in the image's pixels: 200/8 = 25 px a cell across, 150/6 = 25 px down
+    np.testing.assert_allclose(r["grid"].numpy(), RF.rmac_regions(6, 8, 2).double().numpy() * 25)
+    assert 1 <= len(r["proposals"]) <= 20 and r["scores"].shape == (len(r["proposals"]),)
+    assert bool((r["proposals"][:, 2] <= 200 + 1e-6).all()) and bool((r["proposals"][:, 3] <= 150 + 1e-6).all())
+    # the proposals in cells are what the model's own proposals() gives (same map, scaled to the picture)
+    from remap_lib.images import resize_longer_side, to_tensor
+
+    x = to_tensor(resize_longer_side(image, 256))[None]
+    own, _ = model.proposals(x, 20)[0]
+    np.testing.assert_allclose(r["proposals"].numpy(), own.double().numpy() * 200 / 256, atol=1e-4)
+    fig = plot_proposals_vs_grid(r, 5, target=[10, 10, 100, 90])
+    assert "UNTRAINED" in fig.axes[1].get_title() and "top 5" in fig.axes[1].get_title()
+    assert len(fig.axes[0].patches) == len(r["grid"]) + 1  # and the target
+    assert len(fig.axes[1].patches) == min(5, len(r["proposals"])) + 1
+    with pytest.raises(ValueError, match="not learned proposals"):
+        proposal_regions(RetrievalModel(ModelConfig(head="rmac", weights="random", image_sizes=[128]),
+                                        backbone=random_lite0), image)
+
+
+def test_the_proposals_benchmark_names_the_command_that_makes_a_missing_rpn(tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "proposals.py"
+    spec = importlib.util.spec_from_file_location("proposals_benchmark", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit, match=r"no RPN checkpoint at .*none\.pt; train one with "
+                                         r"`remap train-rpn --config configs/train_rpn_landmarks_cpu\.yaml`"):
+        bench.main(["--rpn", str(tmp_path / "none.pt"), "--out", str(tmp_path)])
