@@ -249,7 +249,8 @@ def cmd_demo(args) -> int:
     from .demo import DEMO_IMAGE_SIZE, run_demo
 
     check_output_folder(args.out)
-    run_demo(out_dir=args.out, image_size=args.image_size or DEMO_IMAGE_SIZE, progress=not args.quiet)
+    run_demo(out_dir=args.out, image_size=args.image_size or DEMO_IMAGE_SIZE, progress=not args.quiet,
+             engine=args.engine, precision=args.precision)
     return 0
 
 
@@ -712,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=positive_int, default=None, help="longer side (default 640)")
     p.add_argument("-o", "--out", default=None, help="output folder (default runs/demo-<time>)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_engine_args(p)
     p.set_defaults(func=cmd_demo)
     return parser
 

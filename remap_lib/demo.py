@@ -43,13 +43,16 @@ def demo_methods(image_size: int = DEMO_IMAGE_SIZE) -> dict:
 
 
 def run_demo(out_dir: str | os.PathLike | None = None, image_size: int = DEMO_IMAGE_SIZE,
-             progress: bool = True) -> list[MethodResult]:
-    """Run the main job; returns the results and writes them to ``out_dir``."""
+             progress: bool = True, engine: str = "auto", precision: str = "f32") -> list[MethodResult]:
+    """Run the main job; returns the results and writes them to ``out_dir``.
+
+    ``engine``/``precision``: how the backbone passes run (:func:`remap_lib.engine.create_engine`).
+    """
     out = Path(out_dir) if out_dir is not None else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     dataset = load_demo_set()
     print(dataset.summary())
     results = evaluate(demo_methods(image_size), {"demo": dataset}, out, cache_dir=out / "descriptors",
-                       progress=progress)
+                       progress=progress, engine=engine, precision=precision)
     print("\nmAP (%) on the demo set, overall and by challenge:\n")
     print(format_table(results))
 

@@ -105,3 +105,38 @@ def test_demo_set_is_not_trivial(built):
     colour, rmac = (r.scores["all"]["map"] for r in res)
     assert colour < 0.7 and rmac < 0.95 and rmac > colour + 0.1
     assert res[0].scores["illumination"]["map"] < 0.3  # colour casts defeat colour histograms
+
+
+@pytest.mark.parametrize("options, expected", [([], ("auto", "f32")),
+                                               (["--engine", "torch", "--precision", "bf16"], ("torch", "bf16"))])
+def test_remap_demo_passes_engine_and_precision_to_evaluate(tmp_path, monkeypatch, options, expected):
+    """`remap demo --engine/--precision` reach the backbone passes; without them the defaults as before."""
+    from remap_lib import demo
+    from remap_lib.cli import main
+
+    class Described(Exception):
+        pass
+
+    seen = {}
+
+    def fake_evaluate(methods, datasets, *args, **kwargs):
+        seen.update(kwargs)
+        raise Described  # stop before any image is described
+
+    class FakeSet:
+        def summary(self):
+            return "demo set"
+
+    monkeypatch.setattr(demo, "load_demo_set", lambda: FakeSet())
+    monkeypatch.setattr(demo, "evaluate", fake_evaluate)
+    with pytest.raises(Described):
+        main(["demo", "-q", "-o", str(tmp_path / "out"), *options])
+    assert (seen["engine"], seen["precision"]) == expected
+
+
+def test_remap_demo_refuses_an_unknown_engine(capsys):
+    from remap_lib.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--engine", "tpu"])
+    assert "--engine" in capsys.readouterr().err
