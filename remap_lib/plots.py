@@ -338,8 +338,12 @@ def proposal_regions(model, image, size: int = 512, k: int = 256, levels: int = 
 def plot_proposals_vs_grid(regions: dict, k: int, target=None, path: str | os.PathLike | None = None):
     """R-MAC's rigid grid (left) and the RPN's top-``k`` proposals (right) over the image (Gordo et al. Fig. 3).
 
-    ``regions`` from :func:`proposal_regions`.  The proposals are outlined
-    from the best (opaque, thick) to the ``k``-th (faint); ``target``, a box
+    ``regions`` from :func:`proposal_regions`.  The grid is drawn scale by
+    scale (the regions of one size share a colour, as in
+    :func:`plot_region_grid`): translucent fills and faint outlines, with one
+    region per scale outlined boldly, so the 40 squares read as four scales
+    rather than a mesh of lines.  The proposals are outlined from the best
+    (opaque, thick) to the ``k``-th (faint); ``target``, a box
     ``[x0, y0, x1, y1]`` in the image's pixels (e.g. a landmark box of
     :mod:`remap_lib.landmark_boxes`), is drawn dashed in white on both.
     An untrained RPN is said so in the title.  Returns the figure.
@@ -349,19 +353,29 @@ def plot_proposals_vs_grid(regions: dict, k: int, target=None, path: str | os.Pa
     img = regions["image"]
     w, h = img.size
     props = regions["proposals"][:k].tolist()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5 * h / w + 0.7))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.5 * h / w + 0.8))
     grid = regions["grid"].tolist()
+    sizes = sorted({(round(x1 - x0), round(y1 - y0)) for x0, y0, x1, y1 in grid}, reverse=True)
     for ax, boxes, title in (
-            (axes[0], grid, f"grid, S = {regions['levels']}: {len(grid)} regions"),
+            (axes[0], grid, f"grid, S = {regions['levels']}: {len(grid)} regions in {len(sizes)} sizes"),
             (axes[1], props, f"RPN: top {len(props)} proposals (k = {k})" + ("" if regions["trained"]
                                                                     else " (UNTRAINED RPN: random proposals)"))):
         ax.imshow(np.asarray(img))
         n = max(len(boxes), 1)
+        outlined = set()
         for i, (x0, y0, x1, y1) in enumerate(boxes):
-            fade = 1 - i / n if ax is axes[1] else 0.6
-            colour = SCALE_COLOURS[1] if ax is axes[1] else SCALE_COLOURS[0]
+            if ax is axes[1]:
+                fade = 1 - i / n
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=SCALE_COLOURS[1],
+                                       lw=0.6 + 2.4 * fade, alpha=0.25 + 0.75 * fade))
+                continue
+            scale = sizes.index((round(x1 - x0), round(y1 - y0)))
+            colour = SCALE_COLOURS[scale % len(SCALE_COLOURS)]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=colour, alpha=0.06, lw=0))
+            bold = scale not in outlined  # the first region of each scale
+            outlined.add(scale)
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
-                                   lw=0.6 + 2.4 * fade if ax is axes[1] else 0.8, alpha=0.25 + 0.75 * fade))
+                                   lw=2.5 if bold else 0.7, alpha=1.0 if bold else 0.35))
         if target is not None:
             x0, y0, x1, y1 = (float(v) for v in target)
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=2, ls="--"))

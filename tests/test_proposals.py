@@ -536,7 +536,12 @@ def test_proposal_regions_and_their_picture(random_lite0):
     np.testing.assert_allclose(r["proposals"].numpy(), own.double().numpy() * 200 / 256, atol=1e-4)
     fig = plot_proposals_vs_grid(r, 5, target=[10, 10, 100, 90])
     assert "UNTRAINED" in fig.axes[1].get_title() and "top 5" in fig.axes[1].get_title()
-    assert len(fig.axes[0].patches) == len(r["grid"]) + 1  # and the target
+    # the grid: a fill and an outline per region, and the target; S = 2 on 6x8 cells gives 2 sizes
+    grid_patches = fig.axes[0].patches
+    assert len(grid_patches) == 2 * len(r["grid"]) + 1 and "in 2 sizes" in fig.axes[0].get_title()
+    bold = [pt for pt in grid_patches if not pt.get_fill() and pt.get_linewidth() == 2.5]
+    assert len(bold) == 2  # one region of each scale outlined boldly
+    assert {pt.get_edgecolor() for pt in bold} != {bold[0].get_edgecolor()}  # in the colours of their scales
     assert len(fig.axes[1].patches) == min(5, len(r["proposals"])) + 1
     with pytest.raises(ValueError, match="not learned proposals"):
         proposal_regions(RetrievalModel(ModelConfig(head="rmac", weights="random", image_sizes=[128]),
