@@ -249,3 +249,33 @@ def test_activation_summaries_and_why_max_is_not_the_default(photo_dir, lite0):
     assert norm.std() / norm.mean() > 5 * top.std() / top.mean()  # the L2 norm still varies across the image
     with pytest.raises(ValueError, match="summary"):
         activation_maps(model, img, 256, "median")
+
+
+def test_a_fine_tuned_twin_never_reads_the_imagenet_models_cache(tmp_path, photo_dir):
+    """Same config, other weights (a fine-tuned checkpoint): another cache key, a fresh pass, other numbers."""
+    import copy
+
+    import torch
+
+    from remap_lib.backbones import build_backbone
+    from remap_lib.evaluate import _cache_folder
+    from remap_lib.model import RetrievalModel
+
+    torch.manual_seed(0)
+    photos = [ImageSpec(str(p)) for p in sorted(photo_dir.glob("*.png"))]
+    ds = RetrievalDataset("photos", photos, [photos[1], photos[4]],
+                          {"map": [{"ok": [1], "junk": []}, {"ok": [4], "junk": []}]})
+    base = RetrievalModel(ModelConfig(head="rmac", weights="random", levels=2, image_sizes=[64]),
+                          build_backbone("efficientnet_lite0", weights="random"))
+    twin = copy.deepcopy(base)
+    with torch.no_grad():
+        next(twin.backbone.parameters()).mul_(1.5)
+    assert twin.config.digest() == base.config.digest()
+    assert _cache_folder(tmp_path, ds, twin, "f32", "db") != _cache_folder(tmp_path, ds, base, "f32", "db")
+    cache = tmp_path / "cache"
+    first = evaluate({"rmac": base}, {"photos": ds}, cache_dir=cache, progress=False, engine="torch")
+    calls = [0]
+    twin.backbone.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    second = evaluate({"rmac": twin}, {"photos": ds}, cache_dir=cache, progress=False, engine="torch")
+    assert calls[0] > 0  # described again, not read from the ImageNet model's cache
+    assert np.abs(second[0].descriptors[0] - first[0].descriptors[0]).max() > 1e-4
