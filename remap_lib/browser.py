@@ -262,18 +262,14 @@ class QueryBrowser:
         m = self.fine_tuned[head]
         paper = m.backbone.paper_layers
         layers = "+".join(str(paper.index(n) + 1) if n in paper else n for n in m.layers)
-        if head == "rpn":
-            parts = [f"top {self.proposals} proposals", f"layer{'s' if len(m.layers) > 1 else ''} {layers}"]
-            if m.whiten is not None:
-                parts.append(f"whitened {m.output_dim}-D")
-            if self.trained_sizes[head] != [self.image_size]:
-                parts.append(f"trained at {'/'.join(map(str, self.trained_sizes[head]))} px")
-            return f"{ROWS[head]} (RPN, {', '.join(parts)})"
-        parts = [f"S = {m.config.levels}", f"layer{'s' if len(m.layers) > 1 else ''} {layers}"]
+        regions = f"top {self.proposals} proposals" if head == "rpn" else f"S = {m.config.levels}"
+        parts = [regions, f"layer{'s' if len(m.layers) > 1 else ''} {layers}"]
         if m.whiten is not None:
             parts.append(f"whitened {m.output_dim}-D")
         if self.trained_sizes[head] != [self.image_size]:
             parts.append(f"trained at {'/'.join(map(str, self.trained_sizes[head]))} px")
+        if head == "rpn":
+            return f"{ROWS[head]} (RPN, {', '.join(parts)})"
         return f"{HEADS[head]} fine-tuned ({', '.join(parts)})"
 
     # ---------------------------------------------------------------- rendering
