@@ -356,26 +356,24 @@ def plot_proposals_vs_grid(regions: dict, k: int, target=None, path: str | os.Pa
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.5 * h / w + 0.8))
     grid = regions["grid"].tolist()
     sizes = sorted({(round(x1 - x0), round(y1 - y0)) for x0, y0, x1, y1 in grid}, reverse=True)
-    for ax, boxes, title in (
-            (axes[0], grid, f"grid, S = {regions['levels']}: {len(grid)} regions in {len(sizes)} sizes"),
-            (axes[1], props, f"RPN: top {len(props)} proposals (k = {k})" + ("" if regions["trained"]
-                                                                    else " (UNTRAINED RPN: random proposals)"))):
+    outlined = set()
+    for x0, y0, x1, y1 in grid:  # scale by scale: a fill each, the first region of a scale outlined boldly
+        scale = sizes.index((round(x1 - x0), round(y1 - y0)))
+        colour = SCALE_COLOURS[scale % len(SCALE_COLOURS)]
+        bold = scale not in outlined
+        outlined.add(scale)
+        axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=colour, alpha=0.06, lw=0))
+        axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
+                                    lw=2.5 if bold else 0.7, alpha=1.0 if bold else 0.35))
+    for i, (x0, y0, x1, y1) in enumerate(props):  # best first: opaque and thick, fading to the k-th
+        fade = 1 - i / len(props)
+        axes[1].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=SCALE_COLOURS[1],
+                                    lw=0.6 + 2.4 * fade, alpha=0.25 + 0.75 * fade))
+    for ax, title in (
+            (axes[0], f"grid, S = {regions['levels']}: {len(grid)} regions in {len(sizes)} sizes"),
+            (axes[1], f"RPN: top {len(props)} proposals (k = {k})" + ("" if regions["trained"]
+                                                             else " (UNTRAINED RPN: random proposals)"))):
         ax.imshow(np.asarray(img))
-        n = max(len(boxes), 1)
-        outlined = set()
-        for i, (x0, y0, x1, y1) in enumerate(boxes):
-            if ax is axes[1]:
-                fade = 1 - i / n
-                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=SCALE_COLOURS[1],
-                                       lw=0.6 + 2.4 * fade, alpha=0.25 + 0.75 * fade))
-                continue
-            scale = sizes.index((round(x1 - x0), round(y1 - y0)))
-            colour = SCALE_COLOURS[scale % len(SCALE_COLOURS)]
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=colour, alpha=0.06, lw=0))
-            bold = scale not in outlined  # the first region of each scale
-            outlined.add(scale)
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour,
-                                   lw=2.5 if bold else 0.7, alpha=1.0 if bold else 0.35))
         if target is not None:
             x0, y0, x1, y1 = (float(v) for v in target)
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=2, ls="--"))

@@ -180,16 +180,7 @@ def box_recall(proposals: Sequence[torch.Tensor], targets: Sequence[torch.Tensor
     grid: any order); ``targets[n]``: ``(B_n, 4)`` boxes, same units.  Gordo et
     al.'s Fig. 3 (middle) plots this against ``iou`` for the RPN and the grid.
     """
-    found = total = 0
-    for p, t in zip(proposals, targets):
-        p = torch.as_tensor(p, dtype=torch.float64).reshape(-1, 4)[:k]
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 4)
-        total += len(t)
-        if len(p) and len(t):
-            found += int((box_iou(t, p).max(dim=1).values >= iou).sum())
-    if not total:
-        raise ValueError("no target boxes")
-    return found / total
+    return recall_curve(proposals, targets, (iou,), k)[0]
 
 
 def recall_curve(proposals: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
@@ -199,13 +190,14 @@ def recall_curve(proposals: Sequence[torch.Tensor], targets: Sequence[torch.Tens
 
     Returns one recall per threshold, in their order: the fraction of target
     boxes whose best IoU with the first ``k`` proposals of their image is at
-    least the threshold.  A target of an image without proposals counts as missed.
+    least the threshold.  A target of an image without proposals counts as
+    missed at every threshold (its best IoU is taken as -1, below any threshold).
     """
     best = []
     for p, t in zip(proposals, targets):
         p = torch.as_tensor(p, dtype=torch.float64).reshape(-1, 4)[:k]
         t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 4)
-        missed = torch.zeros(len(t), dtype=torch.float64)
+        missed = torch.full((len(t),), -1.0, dtype=torch.float64)
         best.append(box_iou(t, p).max(dim=1).values if len(p) and len(t) else missed)
     best = torch.cat(best) if best else torch.zeros(0, dtype=torch.float64)
     if not len(best):
