@@ -111,7 +111,7 @@ def load_fine_tuned(source, head: str):
                              "not its checkpoint.pt)") from exc
     else:
         raise TypeError(f"{name} checkpoint: expected a model.pt path or a RetrievalModel, got {type(source).__name__}")
-    regions = getattr(model.config, "regions", "grid")
+    regions = model.config.regions
     if head == "rpn":
         if regions != "rpn":
             raise ValueError(f"the {name} row shows a regions: rpn model (`remap train-rpn`); this checkpoint pools "
