@@ -654,7 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = isub.add_parser("build", help="index a folder written by `remap extract`")
     q.add_argument("descriptors")
     q.add_argument("-o", "--index", required=True, help="index file to write")
-    q.add_argument("--factory", default="Flat", help='faiss factory string: "Flat", "PQ16", "IVF1024,PQ16", ...')
+    q.add_argument("--factory", default="Flat",
+                   help='faiss factory string: "Flat", "PQ16", "IVF1024,PQ16", "IVF1024,PQ32x4fs" (fast-scan), ...')
     q.add_argument("--truncate", type=positive_int, default=None, help="keep the first D dimensions (e.g. 128)")
     q.add_argument("--train-size", "--train-sample", dest="train_sample", type=positive_int, default=200_000,
                    help="random vectors the quantisers are trained on")
