@@ -1028,7 +1028,8 @@ def _spread_lists_over_threads(ivf, n_queries: int) -> None:
     (query, list) pairs shared out over the threads, candidates kept in a
     reservoir, which stays cheap for a refine stage's long shortlist) split
     the visited lists over the threads instead.  The results are the same
-    (tests/test_index.py); a single query runs 1.6-1.8x faster on 2 cores.
+    (tests/test_index.py); a single query runs 1.4-1.9x faster on 2 cores
+    (``benchmarks/search.py``, its one-thread column).
     Batches keep faiss's per-query split.
     """
     faiss = _faiss()
