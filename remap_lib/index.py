@@ -1035,7 +1035,7 @@ def _spread_lists_over_threads(ivf, n_queries: int) -> None:
     faiss = _faiss()
     few = n_queries < faiss.omp_get_max_threads()
     ivf = faiss.downcast_index(ivf)
-    if _is_fast_scan(ivf):
+    if isinstance(ivf, faiss.IndexIVFFastScan):
         ivf.implem = 15 if few else 0
     else:
         ivf.parallel_mode = 1 if few else 0
