@@ -15,8 +15,12 @@
     remap demo                           the demo benchmark end to end (tables and a picture)
     remap notebooks [-p params.yaml]     the main job: run the guided-tour notebooks (papermill)
 
-Every subcommand takes the model options (``--backbone``, ``--head``,
-``--layers``, ``--levels``, ``--image-size``, ``--multiscale``, ``--config FILE``).
+extract, evaluate and klw take the model options (``--config FILE``,
+``--checkpoint``, ``--backbone``, ``--head``, ``--layers``, ``--levels``,
+``--image-size``, ``--multiscale``, ``--whitening``, ``--klw``...).  Every
+option a command accepts acts; one that cannot act for a command is refused
+with one ``error:`` line (exit 2), never ignored (tests/test_cli_options.py
+checks each).
 """
 
 from __future__ import annotations
@@ -90,22 +94,51 @@ def _check_output_file(path) -> None:
         raise IsADirectoryError(f"output file {path} is a folder; give a file name")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+class _Refused(argparse.Action):
+    """A shared option that one command cannot use: given, it ends the parse with the reason.
+
+    The model options are shared by extract, evaluate and klw, but not every
+    one means something to every command (klw resizes every image to
+    ``--input-size``, so ``--image-size`` would change nothing).  An option
+    accepted and dropped lets a user believe it acted; this one stops with one
+    ``error:`` line saying why (exit 2) before anything is read or written, and
+    stays out of ``--help``.
+    """
+
+    def __init__(self, option_strings, dest, reason, **_):
+        super().__init__(option_strings, dest, nargs="*", default=None, help=argparse.SUPPRESS)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} {self.reason}")
+
+
+def _add_model_args(p: argparse.ArgumentParser, refused: dict[str, str] | None = None) -> None:
+    """The model options; ``refused`` maps the dests this command cannot use to why (see :class:`_Refused`)."""
+    refused = refused or {}
     g = p.add_argument_group("model")
-    g.add_argument("--config", help="model config (YAML/JSON); the options below override it")
-    g.add_argument("--checkpoint", help="a checkpoint saved by RetrievalModel.save (config included)")
-    g.add_argument("--backbone", help="backbone name (default efficientnet_lite0)")
-    g.add_argument("--weights", help='"imagenet" (default), a local checkpoint file, or "random"')
-    g.add_argument("--head", choices=HEADS, help="pooling head (default remap)")
-    g.add_argument("--layers", nargs="+", help="paper layer numbers (1 = last conv block) or stage names")
-    g.add_argument("--levels", type=int, help="region-grid scales S (4 -> 40 regions)")
-    g.add_argument("--image-size", type=positive_int, help="longer side of the resized input (default 1024)")
-    g.add_argument("--multiscale", action="store_true",
-                   help="paper Eq. 3: 2*X(1024) + 1.4*X(1280)")
-    g.add_argument("--upscale", action="store_true", default=None,
-                   help="also enlarge images smaller than --image-size (off: the standard protocol)")
-    g.add_argument("--whitening", help="PCA-whitening file (.npz) from `remap whiten`")
-    g.add_argument("--klw", help="KL region weights (.json) from `remap klw` for the REMAP head")
+
+    def add(*flags, **kwargs):
+        dest = flags[0].lstrip("-").replace("-", "_")
+        if dest in refused:
+            g.add_argument(*flags, action=_Refused, reason=refused[dest])
+        else:
+            g.add_argument(*flags, **kwargs)
+
+    add("--config", help="model config (YAML/JSON); the options below override it")
+    add("--checkpoint", help="a checkpoint saved by RetrievalModel.save (config and weights included; "
+        "--image-size/--multiscale/--upscale may change its input sizes)")
+    add("--backbone", help="backbone name (default efficientnet_lite0)")
+    add("--weights", help='"imagenet" (default), a local checkpoint file, or "random"')
+    add("--head", choices=HEADS, help="pooling head (default remap)")
+    add("--layers", nargs="+", help="paper layer numbers (1 = last conv block) or stage names")
+    add("--levels", type=int, help="region-grid scales S (4 -> 40 regions)")
+    add("--image-size", type=positive_int, help="longer side of the resized input (default 1024)")
+    add("--multiscale", action="store_true", help="paper Eq. 3: 2*X(1024) + 1.4*X(1280)")
+    add("--upscale", action="store_true", default=None,
+        help="also enlarge images smaller than --image-size (off: the standard protocol)")
+    add("--whitening", help="PCA-whitening file (.npz) from `remap whiten`")
+    add("--klw", help="KL region weights (.json) from `remap klw` for the REMAP head")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -116,20 +149,40 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="f32 (equal to torch) or bf16 (faster on CPUs with bf16, approximate)")
 
 
+# What a checkpoint holds and these options would change: with --checkpoint they are refused.
+_CHECKPOINT_FIXES = ("config", "backbone", "weights", "head", "layers", "levels")
+
+
+def _input_size_options(args) -> dict:
+    """The config values --image-size, --multiscale and --upscale set ({} when none is given).
+
+    They change how images are resized, no weight: the one part of a
+    model that the command line may change on a checkpoint too.
+    """
+    out = {}
+    if getattr(args, "multiscale", None):
+        if getattr(args, "image_size", None):
+            raise ValueError("--multiscale describes at the paper's sizes "
+                             f"{', '.join(map(str, PAPER_MULTISCALE['image_sizes']))}; drop --image-size")
+        out.update({k: list(v) for k, v in PAPER_MULTISCALE.items()})
+    elif getattr(args, "image_size", None):
+        out["image_sizes"], out["scale_weights"] = [args.image_size], [1.0]
+    if getattr(args, "upscale", None):
+        out["upscale"] = True
+    return out
+
+
 def config_from_args(args, head: str | None = None) -> ModelConfig:
     """The :class:`ModelConfig` the command-line options describe (``head`` overrides ``--head``)."""
     data = ModelConfig.load(args.config).to_dict() if args.config else {}
-    for key in ("backbone", "weights", "head", "layers", "levels", "upscale"):
+    for key in ("backbone", "weights", "head", "layers", "levels"):
         if getattr(args, key, None) is not None:
             data[key] = getattr(args, key)
     if head is not None:
         data["head"] = head
     if "head" in data and not args.layers and not args.config:
         data["layers"] = None  # the head's default layers
-    if args.multiscale:
-        data.update({k: list(v) for k, v in PAPER_MULTISCALE.items()})
-    elif args.image_size:
-        data["image_sizes"], data["scale_weights"] = [args.image_size], [1.0]
+    data.update(_input_size_options(args))
     data["whitening"], data["dim"] = False, None
     return ModelConfig(**data)
 
@@ -140,8 +193,14 @@ def model_sources(args) -> dict:
             if getattr(args, key, None)}
 
 
-def model_from_args(args, config: ModelConfig | None = None):
-    """Build the :class:`RetrievalModel` the command-line options describe (or ``config`` + the files)."""
+def model_from_args(args, config: ModelConfig | None = None, head: str | None = None):
+    """Build the :class:`RetrievalModel` the command-line options describe, then load --klw and --whitening.
+
+    Without --checkpoint it is built from ``config`` (index search: the
+    index's recorded config) or from the options with ``head`` (a command that
+    needs one head).  A checkpoint holds its config and every weight: see
+    :func:`_checkpoint_model`.
+    """
     from .model import RetrievalModel
     from .whitening import PCAWhitening
 
@@ -149,9 +208,9 @@ def model_from_args(args, config: ModelConfig | None = None):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--{key} {path}: no such file")
     if args.checkpoint:
-        model = RetrievalModel.load(args.checkpoint)
+        model = _checkpoint_model(args, config, head)
     else:
-        model = RetrievalModel(config if config is not None else config_from_args(args))
+        model = RetrievalModel(config if config is not None else config_from_args(args, head=head))
     if getattr(args, "klw", None):
         from .klw import KLWeights
 
@@ -161,11 +220,39 @@ def model_from_args(args, config: ModelConfig | None = None):
     return model
 
 
+def _checkpoint_model(args, config: ModelConfig | None, head: str | None):
+    """The model of ``--checkpoint``, at the input sizes of ``config`` or of the options.
+
+    The options that would change what the file holds (``--config``,
+    ``--backbone``, ``--head``...) are refused, never silently dropped; so is a
+    checkpoint of another head than the command needs (``head``).  The input
+    sizes change no weight: ``--image-size``/``--multiscale``/``--upscale`` (or
+    ``config``, the index's record) set them, else the checkpoint's stay.
+    """
+    from .model import RetrievalModel
+
+    fixed = [f"--{key.replace('_', '-')}" for key in _CHECKPOINT_FIXES if getattr(args, key, None) is not None]
+    if fixed:
+        raise ValueError(f"--checkpoint {args.checkpoint} holds the whole model (config and weights); "
+                         f"{', '.join(fixed)} would change it: drop {'them' if len(fixed) > 1 else 'it'}")
+    model = RetrievalModel.load(args.checkpoint)
+    if head is not None and model.config.head != head:
+        raise ValueError(f"--checkpoint {args.checkpoint} holds a {model.config.head} model; "
+                         f"this command needs a {head} one")
+    sizes = ({key: getattr(config, key) for key in ("image_sizes", "scale_weights", "upscale")}
+             if config is not None else _input_size_options(args))
+    if sizes:
+        model.config = ModelConfig.from_dict({**model.config.to_dict(), **sizes})
+    return model
+
+
 def _input_images(args):
     """The images of ``remap extract``: a folder, files (and folders), or ``--list FILE``; checked to exist."""
     from .images import list_images
 
     if args.list:
+        if args.images:
+            raise ValueError(f"give image paths or --list {args.list}, not both")
         if not os.path.isfile(args.list):
             raise FileNotFoundError(f"--list {args.list}: no such file")
         with open(args.list) as f:
@@ -257,14 +344,31 @@ def cmd_demo(args) -> int:
 def cmd_notebooks(args) -> int:
     from .notebooks import run_notebooks
 
+    params = _notebook_parameters(args.parameters) if args.parameters else {}
+    _check_notebook_names(args.only)
     check_output_folder(args.out)
-    params = {}
-    if args.parameters:
-        import yaml
-
-        with open(args.parameters) as f:
-            params = yaml.safe_load(f) or {}
     return 0 if run_notebooks(args.out, params, only=args.only) else 1
+
+
+def _notebook_parameters(path) -> dict:
+    """``-p params.yaml``: a mapping of parameter names to values (plain YAML, checked like every config)."""
+    from .config import load_yaml
+
+    params = load_yaml(path) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: notebook parameters must be a mapping of names to values, "
+                         f"got {type(params).__name__}")
+    return params
+
+
+def _check_notebook_names(only) -> None:
+    """``--only``: every word must name a notebook, or the run would silently skip what was asked for."""
+    from .notebooks import notebook_paths
+
+    names = [p.name for p in notebook_paths()]
+    unknown = [word for word in only or () if not any(word in name for name in names)]
+    if unknown:
+        raise ValueError(f"--only {' '.join(unknown)} matches no notebook; they are {', '.join(names)}")
 
 
 def cmd_demo_data(args) -> int:
@@ -281,7 +385,6 @@ def cmd_klw(args) -> int:
     from pathlib import Path
 
     from .klw import estimate_kl_weights
-    from .model import RetrievalModel
 
     _check_output_file(args.out)
     dataset = next(iter(_parse_datasets([args.dataset], True, False).values()))
@@ -289,13 +392,13 @@ def cmd_klw(args) -> int:
         from .datasets import parse_group_range, split_groups
 
         dataset = split_groups(dataset, parse_group_range(args.groups))
-    config = config_from_args(args, head="remap")
-    model = RetrievalModel(config)
+    model = model_from_args(args, head="remap")  # --checkpoint: the fine-tuned backbone's regions
     width, height = args.input_size
     result = estimate_kl_weights(model, dataset, input_size=(width, height), max_matching=args.matching,
                                  nonmatching_per_matching=args.nonmatching_ratio, bins=args.bins,
                                  direction=args.direction, seed=args.seed, device=args.device,
                                  progress=not args.quiet, engine=args.engine, precision=args.precision)
+    result.settings["sources"] = model_sources(args)
     result.save(args.out)
     for layer, w in result.weights.items():
         print(f"{layer}: {len(w)} regions, KL min {w.min():.3f} mean {w.mean():.3f} max {w.max():.3f}")
@@ -384,7 +487,7 @@ def cmd_index(args) -> int:
     from .index import RetrievalIndex
 
     if args.action == "build":
-        from .index import DEFAULT_REFINE_K, DescriptorSource
+        from .index import DEFAULT_REFINE_K, DescriptorSource, check_index_output
 
         _check_output_file(args.index)
         if args.on_disk and args.refine:
@@ -396,6 +499,7 @@ def cmd_index(args) -> int:
             raise ValueError(f"{args.descriptors} holds no descriptors")
         if args.truncate and args.truncate > source.dim:
             raise ValueError(f"--truncate {args.truncate} exceeds the descriptors' dimension {source.dim}")
+        check_index_output(args.index, source.inputs(), force=args.force)  # not over its input, nor another file
         options = dict(truncate=args.truncate, nprobe=args.nprobe, train_size=args.train_sample, chunk=args.chunk,
                        use_gpu=args.gpu, progress=not args.quiet)
         if args.on_disk:
@@ -410,7 +514,9 @@ def cmd_index(args) -> int:
     index = RetrievalIndex.load(args.index)
     if args.action == "add":
         desc = load_descriptors(args.descriptors)
-        index.check_model(desc.config["model"], desc.config.get("weights_fingerprint"), desc.config.get("precision"))
+        index.check_model(desc.config["model"], desc.config.get("weights_fingerprint"), desc.config.get("precision"),
+                          role="add")
+        index.refuse_known_paths(desc.paths, args.descriptors)  # adding a folder twice duplicated every image
         index.add(desc.descriptors, desc.paths)
         index.save(args.index)
         print(f"added {len(desc.paths)} images; {len(index)} in {args.index}")
@@ -449,11 +555,16 @@ def _index_query_model(index, args):
     """The model that made ``index``: its config and the files recorded in it (or given), verified.
 
     ``--checkpoint/--klw/--whitening`` override the recorded files; the
-    rebuilt model must have the index's weights fingerprint, or the search is
-    refused: its rankings would be those of another model.
+    rebuilt model must give the config digest and the weights fingerprint the
+    index recorded, or the search is refused: its rankings would be those of
+    another model.  An index that recorded no fingerprint cannot vouch for a
+    rebuilt model's weights, so it is searched by descriptors only.
     """
     if index.model_config is None:
         raise ValueError("the index has no model config; search it with --descriptors from `remap extract`")
+    if index.weights_fingerprint is None:
+        raise ValueError(f"{args.index} records no weights fingerprint, so a model rebuilt from it cannot be "
+                         "verified; search it with --descriptors from `remap extract`")
     given = {key: getattr(args, key) for key in ("checkpoint", "klw", "whitening") if getattr(args, key)}
     recorded = {key: path for key, path in index.model_sources.items() if key not in given}
     missing = {key: path for key, path in recorded.items() if not os.path.isfile(path)}
@@ -468,7 +579,7 @@ def _index_query_model(index, args):
     if "whitening" in recorded or "whitening" in given or "checkpoint" in recorded or "checkpoint" in given:
         config.whitening, config.dim = False, None  # the whitening comes from its file / the checkpoint
     model = model_from_args(args, config)
-    index.check_model(model.config.to_dict(), model.fingerprint())
+    index.check_model(model.config.to_dict(), model.fingerprint())  # against the digest the index recorded
     return model
 
 
@@ -498,25 +609,65 @@ def _parse_datasets(specs: list[str], crop: bool, allow_missing: bool) -> dict:
     return datasets
 
 
-def cmd_evaluate(args) -> int:
-    from .evaluate import COLOUR_HISTOGRAM, evaluate, format_table
+def _evaluate_methods(args) -> dict:
+    """``-m``'s methods by table name; the model of --checkpoint/--klw/--whitening in its head's row.
 
-    check_output_folder(args.out)
-    datasets = _parse_datasets(args.dataset, not args.no_crop, args.allow_missing)
-    for ds in datasets.values():
-        print(ds.summary())
-    if args.checkpoint or args.whitening:
-        print("error: evaluate compares heads off the shelf; use extract for checkpoints", file=sys.stderr)
-        return 2
+    Those files describe one model, as in ``remap extract``: its row replaces
+    its head's off-the-shelf one and is named after the files, e.g.
+    ``remap (klw.json)``, so the table says what was applied.  The other rows
+    stay off the shelf.
+    """
+    from .evaluate import COLOUR_HISTOGRAM
+
     methods = {}
     for m in args.method:
         if m in ("colour", "color", COLOUR_HISTOGRAM):
             methods["colour histogram"] = COLOUR_HISTOGRAM
         elif m in HEADS:
-            methods[m] = config_from_args(args, head=m)
+            methods[m] = None
         else:
-            print(f"error: unknown method {m!r}; choose from {', '.join(HEADS)}, colour", file=sys.stderr)
-            return 2
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(HEADS)}, colour")
+    files = model_sources(args)
+    model = _evaluated_model(args, [m for m in methods if m in HEADS]) if files else None
+    out = {}
+    for name, method in methods.items():
+        if model is not None and name == model.config.head:
+            out[f"{name} ({', '.join(os.path.basename(path) for path in files.values())})"] = model
+        else:
+            out[name] = method if method is not None else config_from_args(args, head=name)
+    return out
+
+
+def _evaluated_model(args, heads: list[str]):
+    """The one model that ``evaluate``'s --checkpoint/--klw/--whitening describe, for a head of ``-m``.
+
+    Its head: the checkpoint's; else REMAP for --klw (KL weights weigh REMAP
+    regions); else the one head of ``-m`` (a PCA-whitening is learned on one
+    model's descriptors, so several heads are refused rather than guessed).
+    """
+    flags = " ".join(f"--{key} {os.path.basename(path)}" for key, path in model_sources(args).items())
+    if args.checkpoint:
+        model = model_from_args(args)
+        head = model.config.head
+    else:
+        if not args.klw and len(heads) != 1:
+            raise ValueError(f"--whitening was learned on the descriptors of one model (`remap whiten`); "
+                             f"evaluate it with that model's head alone (-m HEAD), not {len(heads)} heads")
+        head = "remap" if args.klw else heads[0]
+        model = None
+    if head not in heads:
+        raise ValueError(f"the model of {flags} has a {head} head, but -m does not name {head}: add it to -m")
+    return model if model is not None else model_from_args(args, head=head)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_table
+
+    check_output_folder(args.out)
+    methods = _evaluate_methods(args)
+    datasets = _parse_datasets(args.dataset, not args.no_crop, args.allow_missing)
+    for ds in datasets.values():
+        print(ds.summary())
     results = evaluate(methods, datasets, args.out, cache_dir=args.cache, device=args.device,
                        engine=args.engine, precision=args.precision,
                        progress=not args.quiet)
@@ -525,6 +676,19 @@ def cmd_evaluate(args) -> int:
     if args.out:
         print(f"\nsaved {args.out}/results.csv and results.json")
     return 0
+
+
+# The model options evaluate and klw cannot use, and why (see _Refused): refused, never dropped.
+EVALUATE_REFUSES = {"head": "does not apply to evaluate: the heads to compare are -m/--method's"}
+KLW_REFUSES = {
+    "head": "does not apply to klw: KL weights are estimated for the REMAP head",
+    "image_size": "does not apply to klw: every image is resized to --input-size WxH",
+    "multiscale": "does not apply to klw: every image is described once, at --input-size WxH",
+    "upscale": "does not apply to klw: every image is resized to --input-size WxH, whatever its size",
+    "klw": "does not apply to klw: the estimate compares region vectors before any region weight, so "
+           "existing KL weights would change nothing",
+    "whitening": "does not apply to klw: the estimate compares region vectors, before the whitening acts",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -579,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the images present when the ground truth names missing ones")
     p.add_argument("--device", default="auto")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    _add_model_args(p)
+    _add_model_args(p, refused=EVALUATE_REFUSES)
     _add_engine_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -599,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--plots", default=None, help="folder for the Fig. 2 pictures")
     p.add_argument("-q", "--quiet", action="store_true")
-    _add_model_args(p)
+    _add_model_args(p, refused=KLW_REFUSES)
     _add_engine_args(p)
     p.set_defaults(func=cmd_klw)
 
@@ -649,11 +813,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify_pairs)
 
+    from .expansion import qe_alpha
+
     p = sub.add_parser("index", help="build, extend or search a faiss index of descriptors")
     isub = p.add_subparsers(dest="action", required=True)
     q = isub.add_parser("build", help="index a folder written by `remap extract`")
     q.add_argument("descriptors")
     q.add_argument("-o", "--index", required=True, help="index file to write")
+    q.add_argument("--force", action="store_true",
+                   help="replace an existing file that is not a remap index (an existing index is always replaced)")
     q.add_argument("--factory", default="Flat",
                    help='faiss factory string: "Flat", "PQ16", "IVF1024,PQ16", "IVF1024,PQ32x4fs" (fast-scan), ...')
     q.add_argument("--truncate", type=positive_int, default=None, help="keep the first D dimensions (e.g. 128)")
@@ -686,11 +854,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-k", type=positive_int, default=10, help="results per query")
     q.add_argument("--nprobe", type=positive_int, default=None)
     q.add_argument("--qe", type=nonnegative_int, default=0, help="alpha query expansion with the top-N (0: off)")
-    q.add_argument("--qe-alpha", type=float, default=3.0)
+    q.add_argument("--qe-alpha", type=qe_alpha, default=3.0,
+                   help="weight of a neighbour: its similarity to the power alpha (finite, 0 or more; 0: average QE)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda")
     _add_engine_args(q)
-    for q in isub.choices.values():
-        q.set_defaults(func=cmd_index)
+    on_interrupt = {  # what an interrupted `remap index ...` left (main prints it): none of them resumes
+        "build": "the index was not written (a build does not resume); run the same command again to build it",
+        "add": "the index file is unchanged; run the same command again",
+        "search": "nothing was written"}
+    for action, q in isub.choices.items():
+        q.set_defaults(func=cmd_index, on_interrupt=on_interrupt[action])
 
     p = sub.add_parser("demo-data", help="build the embedded demo benchmark")
     p.add_argument("-o", "--out", default=None, help="folder (default data/cache/demo)")
@@ -732,9 +905,9 @@ def main(argv=None) -> int:
         message = " ".join(str(exc).split()) or type(exc).__name__  # one line, whatever the message holds
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; finished work is on disk, run the same command again to resume",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # a command that does not resume says what it left (set_defaults(on_interrupt=...))
+        left = getattr(args, "on_interrupt", None) or "finished work is on disk, run the same command again to resume"
+        print(f"error: interrupted; {left}", file=sys.stderr)
         return 130
 
 

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HEADS", "LAYER_WEIGHTS", "REGIONS", "ModelConfig", "PAPER_MULTISCALE"]
+__all__ = ["HEADS", "LAYER_WEIGHTS", "REGIONS", "ModelConfig", "PAPER_MULTISCALE", "load_yaml"]
 
 HEADS = ("mac", "spoc", "gem", "rmac", "remap")
 LAYER_WEIGHTS = ("none", "ones", "kl")
@@ -28,6 +28,32 @@ _LATER_OPTIONS = ("layer_weights", "regions", "proposals", "rpn_anchor_sizes", "
 
 # Paper Eq. 3: X = 2·X(1024×768) + 1.4·X(1280×960).
 PAPER_MULTISCALE = {"image_sizes": (1024, 1280), "scale_weights": (2.0, 1.4)}
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """The data of a user's YAML file (model, train and train-rpn configs, notebook parameters).
+
+    The one place such files are parsed, always with ``yaml.safe_load``: a
+    ``!!python/...`` tag is refused, never executed.  A syntax error, a refused
+    tag or a file that is not UTF-8 text becomes one ``ValueError`` naming the
+    file and the line, instead of the parser's multi-line report.
+    """
+    import yaml
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a YAML text file (byte {exc.start} is not UTF-8)") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else path
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        if "constructor for the tag" in problem:  # safe_load met !!python/... (or another object tag)
+            tag = problem.split("tag", 1)[1].strip().replace("tag:yaml.org,2002:", "!!")
+            problem = f"the tag {tag} is refused (plain YAML only: tags that build objects are never run)"
+        raise ValueError(f"{where}: not valid YAML: {problem}") from exc
 
 
 @dataclass
@@ -194,14 +220,18 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
         path = os.fspath(path)
-        with open(path) as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                data = yaml.safe_load(f)
-            else:
-                data = json.load(f)
+        if path.endswith((".yaml", ".yml")):
+            data = load_yaml(path)
+        else:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: not a JSON model config ({exc}); give YAML as .yaml/.yml") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a model config must be a mapping, got {type(data).__name__}")
         data = data.get("model", data)
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:  # e.g. `levels: abc` (TypeError in the checks): name the file
+            raise ValueError(f"{path}: {exc}") from exc

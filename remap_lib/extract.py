@@ -14,7 +14,8 @@ and, when given an output folder, writes the result as it goes:
                           last image they hold
     ``failed.jsonl``      images that could not be used, with the reason (JSON lines)
     ``descriptors.npy``, ``paths.jsonl``  the assembled result (one JSON string a line,
-                          so any file name survives, newlines and tabs included)
+                          so any file name survives, newlines and tabs included; bytes
+                          that are not UTF-8 as ``\\udcXX`` escapes, see :func:`_jsonl`)
     ``manifest.json``     counts and SHA-256 of the two files above, written last:
                           :func:`load_descriptors` refuses a pair that disagrees with it
     ``.lock``             held while a run writes (a second run is refused)
@@ -27,7 +28,14 @@ anything that changes the fingerprint) is refused.  With ``on_error="skip"``
 (``paths.jsonl`` says which rows are which image); with ``on_error="raise"`` the
 first bad image stops the run — after the finished parts are on disk, so
 nothing is lost either way.  A run killed at any moment leaves either the
-previous complete result or none, never a mixed pair.
+previous complete result or none, never a mixed pair.  A write that fails
+(disk full, ``ulimit -f``) names its file and leaves no temporary behind.
+
+Loader workers never leave the run waiting forever: a worker that cannot put
+an image in shared memory (a full ``/dev/shm``, ``ulimit -f``) sends its
+pixels through its pipe instead, with a warning and the same descriptors
+(:func:`_hand_over`); a worker that dies, raises, or sends nothing for
+:data:`LOADER_TIMEOUT_S` ends the run with one message, the finished parts kept.
 """
 
 from __future__ import annotations
@@ -45,12 +53,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .extraction_files import FORMAT, check_output_folder, read_manifest
-from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageLoadError, ImageSpec, list_images, load_spec,
-                     resize_longer_side, to_tensor)
+from .extraction_files import FORMAT, check_output_folder, load_npy, read_manifest
+from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, OTHER_IMAGE_EXTENSIONS, ImageLoadError, ImageSpec,
+                     list_images, load_spec, pixels_to_tensor, resize_longer_side, to_pixels)
 from .model import RetrievalModel
 from .whitening import PCAWhitening, learn_pca_whitening
 
@@ -59,6 +67,11 @@ __all__ = ["Descriptors", "ExtractionLockedError", "extract_descriptors", "extra
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("skip", "raise")
+# Longest wait for the next image from the loader workers.  A worker that dies
+# ends the run at once (torch notices its exit); this bounds the one failure
+# nobody notices: an image lost between a live worker and this process.  No
+# single image takes this long to decode and resize.
+LOADER_TIMEOUT_S = 600
 
 
 class ExtractionLockedError(RuntimeError):
@@ -89,8 +102,8 @@ def resolve_images(images) -> list[ImageSpec]:
         if os.path.isdir(images):
             paths = list_images(images)
             if not paths:
-                raise FileNotFoundError(
-                    f"no images in folder {os.fspath(images)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+                raise FileNotFoundError(f"no images in folder {os.fspath(images)} (looked for "
+                                        f"{', '.join(IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS)})")
         elif os.path.lexists(images):
             paths = [os.fspath(images)]
         else:
@@ -119,8 +132,16 @@ def scaled_sizes(longer_side: int, sizes: Sequence[int], upscale: bool) -> list[
     return [round(base * s / sizes[0]) for s in sizes]
 
 
+@dataclass
+class _Piped:
+    """Pixels a loader worker sends through its pipe because shared memory refused the tensors (and why)."""
+
+    pixels: list[np.ndarray]
+    reason: str
+
+
 class _ImageDataset(Dataset):
-    """Item ``i``: ``(i, [tensor per image size])`` or ``(i, error message)``."""
+    """Item ``i``: ``(i, [tensor per image size])``, ``(i, _Piped)`` or ``(i, error message)``."""
 
     def __init__(self, specs: Sequence[ImageSpec], sizes: Sequence[int], upscale: bool, max_pixels: int):
         self.specs, self.sizes, self.upscale, self.max_pixels = list(specs), list(sizes), upscale, max_pixels
@@ -132,16 +153,88 @@ class _ImageDataset(Dataset):
         spec = self.specs[i]
         try:
             img = load_spec(spec, self.max_pixels)
-            return i, [to_tensor(resize_longer_side(img, s, spec.path))
-                       for s in scaled_sizes(max(img.size), self.sizes, self.upscale)]
+            pixels = [to_pixels(resize_longer_side(img, s, spec.path))
+                      for s in scaled_sizes(max(img.size), self.sizes, self.upscale)]
         except ImageLoadError as exc:
             return i, exc.reason
+        return i, _hand_over(pixels)
+
+
+def _hand_over(pixels: list[np.ndarray]):
+    """The tensors of ``pixels``, placed in shared memory already when this runs in a loader worker.
+
+    torch moves a worker's tensors to shared memory while pickling them in a
+    background thread of the worker's queue; a failure there (a full
+    ``/dev/shm``, ``ulimit -f``, no file descriptors left) is printed and the
+    image silently lost, and the main process would wait for it forever.
+    Sharing here instead fails where it can be caught: the pixels then go
+    through the worker's pipe (slower, not shared) and become the same
+    tensors in the main process (:func:`_unpiped`, which :func:`_batches` applies).
+    """
+    tensors = [pixels_to_tensor(p) for p in pixels]
+    if get_worker_info() is None:  # loading in the main process: nothing to hand over
+        return tensors
+    try:
+        for t in tensors:
+            t.share_memory_()
+    except (RuntimeError, OSError) as exc:
+        return _Piped(pixels, " ".join(str(exc).split()))
+    return tensors
+
+
+def _received(loader: DataLoader, out_dir: Path | None):
+    """``(i, item)`` of ``loader``; a loader that fails (a worker died, raised or timed out) ends the run
+    with one message saying that the finished images are kept."""
+    items = iter(loader)
+    while True:
+        try:
+            i, item = next(items)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise RuntimeError(_loader_failure(exc, out_dir, loader.num_workers)) from exc
+        yield i, item
+
+
+def _unpiped(items: Iterable):
+    """``(i, item)`` with the pixels a worker sent through its pipe made tensors (:func:`_hand_over`).
+
+    The first such image is logged: the run goes on, slower, with the same
+    descriptors.
+    """
+    piped = False
+    for i, item in items:
+        if isinstance(item, _Piped):
+            if not piped:
+                log.warning("a loader worker could not put an image in shared memory (%s); images that do "
+                            "not fit come through a pipe instead (slower). Free /dev/shm or raise its size "
+                            "(docker --shm-size), or use --workers 0", item.reason)
+                piped = True
+            item = [pixels_to_tensor(p) for p in item.pixels]
+        yield i, item
+
+
+def _loader_failure(exc: BaseException, out_dir: Path | None, workers: int) -> str:
+    """One line for a failure of the image loader: what happened, and that the finished images are kept.
+
+    A worker's own error arrives as a traceback text: its headline and last
+    line say what it was.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    what = (lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}").rstrip(".")
+    if isinstance(exc, RuntimeError) and what.startswith("DataLoader timed out"):
+        what = (f"no image arrived from the loader workers for {LOADER_TIMEOUT_S} s (a worker may have failed to "
+                "send one; see the messages above)")
+    kept = (f"; the finished images are kept in {out_dir / 'parts'}: rerun the same command to resume"
+            if out_dir is not None else "")
+    hint = " (add --workers 0 to load the images in the main process)" if workers else ""
+    return f"loading images failed: {what}{kept}{hint}"
 
 
 def _batches(loader: Iterable, batch_size: int):
     """Group consecutive decoded images of identical shapes into batches; errors pass alone."""
     batch: list = []
-    for i, item in loader:
+    for i, item in _unpiped(loader):
         if isinstance(item, str):
             if batch:  # finish the images before the bad one first
                 yield batch
@@ -160,22 +253,79 @@ def _batches(loader: Iterable, batch_size: int):
 
 
 # ---------------------------------------------------------------------- files
+def _temp_path(path: Path, suffix: str = ".tmp") -> Path:
+    """A hidden temporary name next to ``path``, never longer than ``path``'s own name allows.
+
+    ``.NAME.tmp`` while that fits in 255 bytes; a longer name (a valid -o of
+    251 to 255 bytes) gets ``.<16 hex of its hash>.tmp`` so that the finished
+    file is never lost to a temporary name the file system refuses.
+    """
+    name = f".{path.name}{suffix}"
+    if len(os.fsencode(name)) > 255:
+        name = f".{hashlib.sha1(os.fsencode(path.name)).hexdigest()[:16]}{suffix}"
+    return path.with_name(name)
+
+
+@contextlib.contextmanager
+def _writing(target: Path, tmp: Path):
+    """Remove ``tmp`` if writing it fails, and name ``target`` in the error.
+
+    An ``OSError`` of a write (disk full, ``ulimit -f``) names no file, and
+    numpy's says only "N requested and M written".
+    """
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+            error = OSError(f"cannot write {target}: {reason}; free space (or raise the file-size limit) and rerun "
+                            "the same command: the finished images are kept")
+            error.errno = exc.errno  # kept for callers; left out of the message, which says it in words
+            raise error from exc
+        raise
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary name and ``os.replace`` (never half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _temp_path(path)
+    with _writing(path, tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def _save_npy(path: Path, matrix: np.ndarray) -> None:
+    """``np.save`` of a C-contiguous array through a temporary name, with the write's own error on failure."""
+    tmp = _temp_path(path, ".tmp.npy")
+    with _writing(path, tmp):
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(matrix))
+            f.write(np.ascontiguousarray(matrix).reshape(-1).view(np.uint8))  # a real errno, unlike ndarray.tofile
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def _jsonl(items) -> bytes:
-    return "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items).encode()
+    """One JSON value a line, UTF-8; lone surrogates (``os.fsdecode`` of a non-UTF-8 file name) as ``\\udcXX``.
+
+    ``ensure_ascii=False`` keeps names readable, but a name's undecodable
+    bytes are lone surrogates that UTF-8 cannot encode; ``backslashreplace``
+    writes them as the JSON escape ``\\udcXX`` (they only occur inside JSON
+    strings), which ``json.loads`` reads back as the same surrogate, so the
+    name opens the same file again.
+    """
+    return "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items).encode("utf-8", "backslashreplace")
 
 
 def _read_jsonl(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    """The values of a :func:`_jsonl` file.  Split at ``\\n`` only: ``str.splitlines`` would also split
+    inside names holding U+2028, U+0085 or other line breaks that JSON leaves unescaped."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 def _sha256(data: bytes) -> str:
@@ -215,8 +365,9 @@ class _PartWriter:
         while target.exists():  # only if the input list changed order between runs
             target, k = self.dir / f"{stem}-{k}.npz", k + 1
         tmp = self.dir / f".{target.stem}.tmp.npz"
-        np.savez(tmp, paths=np.array(self.paths, dtype=str), descriptors=np.stack(self.rows))
-        os.replace(tmp, target)
+        with _writing(target, tmp):
+            np.savez(tmp, paths=np.array(self.paths, dtype=str), descriptors=np.stack(self.rows))
+            os.replace(tmp, target)
         self.positions, self.paths, self.rows = [], [], []
 
 
@@ -416,14 +567,15 @@ def _extract(model, describe, specs, out_dir: Path | None, settings, batch_size,
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) // 2))
     dataset = _ImageDataset(todo_specs, model.config.image_sizes, model.config.upscale, max_pixels)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers if todo else 0,
-                        pin_memory=device.type == "cuda")
+    num_workers = num_workers if todo else 0
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        timeout=LOADER_TIMEOUT_S if num_workers else 0)
     failed: list[tuple[str, str]] = []
     complete = False
     try:
         with tqdm(total=len(paths), initial=len(paths) - len(todo), desc="extract", unit="img",
                   disable=not progress) as bar:
-            for batch in _batches(loader, batch_size):
+            for batch in _batches(_received(loader, out_dir), batch_size):
                 if isinstance(batch[0][1], str):
                     i, reason = batch[0]
                     failed.append((todo[i], reason))
@@ -448,6 +600,11 @@ def _extract(model, describe, specs, out_dir: Path | None, settings, batch_size,
                         writer.add(offset + todo_positions[i], todo[i], row)
                 bar.update(len(batch))
         complete = True
+    except RuntimeError as exc:
+        if not str(exc).startswith("DataLoader worker"):
+            raise
+        # torch's SIGCHLD handler raises this wherever the main process is when a worker dies
+        raise RuntimeError(_loader_failure(exc, out_dir, num_workers)) from exc
     finally:
         if writer is not None:
             writer.flush()
@@ -480,9 +637,7 @@ def _write_result(out_dir: Path, result: Descriptors) -> None:
     for old in ("paths.txt", "failed.tsv"):  # the previous format's files
         (out_dir / old).unlink(missing_ok=True)
     matrix = np.ascontiguousarray(result.descriptors, dtype=np.float32)
-    tmp = out_dir / ".descriptors.tmp.npy"
-    np.save(tmp, matrix)
-    os.replace(tmp, out_dir / "descriptors.npy")
+    _save_npy(out_dir / "descriptors.npy", matrix)
     paths_blob = _jsonl(result.paths)
     _atomic_write(out_dir / "paths.jsonl", paths_blob)
     manifest = {"format": FORMAT, "count": len(result.paths), "dim": int(matrix.shape[1]),
@@ -496,7 +651,7 @@ def load_descriptors(out_dir: str | os.PathLike) -> Descriptors:
     """Read what :func:`extract_descriptors` wrote to ``out_dir``, checked against its manifest."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
-    descriptors = np.load(out_dir / "descriptors.npy", allow_pickle=False)
+    descriptors = load_npy(out_dir / "descriptors.npy")  # a plain array, or a message naming the file
     paths_blob = (out_dir / "paths.jsonl").read_bytes()
     if (_sha256(np.ascontiguousarray(descriptors).tobytes()) != manifest["descriptors_sha256"]
             or _sha256(paths_blob) != manifest["paths_sha256"]):

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["FORMAT", "check_output_folder", "read_manifest"]
+__all__ = ["FORMAT", "check_output_folder", "load_npy", "read_manifest"]
 
 FORMAT = "remap-extraction-v2"
 
@@ -37,3 +37,19 @@ def check_output_folder(path) -> None:
     """An output folder may exist (to resume) but must not be a file."""
     if path and os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"output folder {path} is an existing file; choose a folder")
+
+
+def load_npy(path, mmap_mode=None):
+    """``descriptors.npy`` as an array (memory-mapped with ``mmap_mode``), or an error that says what to do.
+
+    numpy's error for a file that is not a plain array (another file written
+    over it, e.g. by ``remap index build -o``) advises loading it "unsafely
+    using allow_pickle": never right for descriptors, which are never pickled.
+    """
+    import numpy as np
+
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError:
+        raise ValueError(f"{path} is not a plain numpy array (another file was written over it, or it is "
+                         "damaged); rerun the same `remap extract` command to rebuild it") from None

@@ -18,6 +18,8 @@ CMYK, YCbCr, LAB     converted to RGB by PIL
 floating point       error (no agreed range; convert the file first)
 too many pixels      error above ``max_pixels`` (decompression-bomb guard)
 too small            error when the shorter side after resizing is < 32 px
+HEIC, RAW, SVG...    listed from folders, error unless this Pillow reads
+                     the format (:data:`OTHER_IMAGE_EXTENSIONS`)
 ===================  =====================================================
 """
 
@@ -34,19 +36,30 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "OTHER_IMAGE_EXTENSIONS",
     "ImageLoadError",
     "ImageSpec",
     "load_spec",
     "load_thumbnail",
     "list_images",
     "load_image",
+    "pixels_to_tensor",
     "resize_longer_side",
+    "to_pixels",
     "to_tensor",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+# Image formats a folder may hold that Pillow reads only with an optional
+# codec or plugin (HEIC, AVIF, JPEG 2000...) or not at all (camera RAW, SVG,
+# EXR).  Folders list them too, so that the files the loader cannot read are
+# reported as failed instead of being skipped silently; :func:`load_image`
+# refuses them by suffix unless this Pillow registers a decoder for it (a
+# RAW file must not be read as the small TIFF preview inside it).
+OTHER_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".psd", ".svg", ".svgz", ".dng",
+                          ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf", ".exr", ".hdr")
 DEFAULT_MAX_PIXELS = 200_000_000
 MIN_SIDE = 32  # one feature-map cell at stride 32
 
@@ -85,15 +98,36 @@ class ImageSpec:
 def list_images(folder: str | os.PathLike) -> list[str]:
     """Image files under ``folder`` (recursively), sorted, by extension.
 
-    Broken symbolic links with an image extension are listed too, so that the
-    extraction reports them as failed (with their target) instead of silently
-    describing fewer images than the folder shows.
+    Broken symbolic links with an image extension are listed too, and so are
+    files of the :data:`OTHER_IMAGE_EXTENSIONS` formats, so that the
+    extraction reports them as failed (with their target, or the format)
+    instead of silently describing fewer images than the folder shows.
+    File names need not be valid UTF-8: they come back as ``os.fsdecode``
+    gives them (undecodable bytes as lone surrogates), which opens the file.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
+    suffixes = IMAGE_EXTENSIONS + OTHER_IMAGE_EXTENSIONS
     return sorted(str(p) for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or (p.is_symlink() and not p.exists())))
+                  if p.suffix.lower() in suffixes and (p.is_file() or (p.is_symlink() and not p.exists())))
+
+
+def _unreadable_format(path) -> str | None:
+    """Why ``path`` is not decoded, judged by its suffix alone, or ``None`` to try it.
+
+    Only :data:`OTHER_IMAGE_EXTENSIONS` are judged: such a file is tried when
+    this Pillow registers a decoder for its suffix (a codec built in, or a
+    plugin such as pillow-heif that was registered), and refused otherwise.
+    """
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in OTHER_IMAGE_EXTENSIONS:
+        return None
+    Image.init()
+    if Image.registered_extensions().get(suffix) in Image.OPEN:
+        return None
+    return (f"unsupported image format ({suffix}): the image loader (Pillow) has no decoder for it; "
+            f"convert the file to JPEG or PNG")
 
 
 def _to_rgb(img: Image.Image, path) -> Image.Image:
@@ -129,6 +163,9 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         if os.path.islink(path):
             raise ImageLoadError(path, f"broken symbolic link (to {os.readlink(path)})")
         raise ImageLoadError(path, "file not found")
+    unreadable = _unreadable_format(path)
+    if unreadable:
+        raise ImageLoadError(path, unreadable)
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -173,8 +210,22 @@ def resize_longer_side(img: Image.Image, size: int, path="<image>") -> Image.Ima
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """``(3, H, W)`` float32 in ``[0, 1]``."""
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return pixels_to_tensor(to_pixels(img))
+
+
+def to_pixels(img: Image.Image) -> np.ndarray:
+    """``(H, W, 3)`` uint8: the image's pixels, a quarter of the bytes of its tensor.
+
+    Loader workers fall back to handing these over through a pipe when they
+    cannot place a tensor in shared memory; :func:`pixels_to_tensor` then
+    gives exactly the tensor :func:`to_tensor` would have.
+    """
+    return np.asarray(img, dtype=np.uint8)
+
+
+def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """:func:`to_pixels`'s array → ``(3, H, W)`` float32 in ``[0, 1]`` (copied: the input may be read-only)."""
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
 
 
 def load_spec(spec: "ImageSpec | str", max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -17,9 +17,9 @@ the model config with its digest, the model's weights fingerprint (which
 checkpoint, region weights and whitening), the files the model was built from
 (``--checkpoint/--klw/--whitening``, so that ``remap index search photo.jpg``
 can rebuild exactly that model and verify it), the dimension and the count; it is written
-atomically with a SHA-256 of its contents, so a truncated or corrupt file is
-refused before faiss reads it, and a query model that does not match the
-index's is refused with a clear message.
+atomically with a SHA-256 of its header and contents, so a truncated, corrupt or
+edited file is refused before faiss reads it, and a query model that does not
+match the index's is refused with a clear message.
 
 At scale (:meth:`RetrievalIndex.build`, :meth:`RetrievalIndex.build_on_disk`)
 the descriptors of an extraction folder are streamed through
@@ -40,10 +40,14 @@ grow past memory and past PQ's accuracy:
 coarse quantiser (k-means), assigns added vectors to their lists and searches
 on the GPU (same API); otherwise the CPU.
 
-File format (version 3): ``REMAPIDX``, the header length (``<Q``), a JSON
+File format (version 4): ``REMAPIDX``, the header length (``<Q``), a JSON
 header, the faiss index, the image paths (a packed :class:`PathTable`,
-memory-mapped when loaded; version 2 files hold a JSON list, still read).  The
-header holds the SHA-256 of everything after it.  An on-disk index's header
+memory-mapped when loaded).  The header's ``sha256`` covers the header itself
+(its other fields as canonical JSON: sorted keys, no spaces) and everything
+after it, so an edit to any field (a model option, the count, a size) is
+refused like damage to the data.  Files of versions 1-3, whose checksum left
+the header out, are refused with a message to rebuild them: accepting them
+would keep that hole open.  An on-disk index's header
 (its faiss part holds only the lists' offsets) also names its
 ``.ivfdata`` file with the file's size, its full SHA-256 and a *sampled*
 SHA-256 (:func:`sampled_sha256`: the size and 64 blocks of 64 KiB spread evenly
@@ -68,18 +72,33 @@ from typing import Iterator
 
 import numpy as np
 
-from .extraction_files import FORMAT as EXTRACTION_FORMAT, read_manifest  # the folder format of `remap extract`
+from .extraction_files import FORMAT as EXTRACTION_FORMAT, load_npy, read_manifest  # the folder of `remap extract`
 
 __all__ = ["DescriptorSource", "IndexFileError", "ModelMismatchError", "PathTable", "RetrievalIndex",
-           "gpu_available", "sampled_sha256", "synthetic_distractors", "truncate_descriptors"]
+           "check_index_output", "gpu_available", "is_index_file", "sampled_sha256", "synthetic_distractors",
+           "truncate_descriptors"]
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"REMAPIDX"
-VERSION = 3  # 2: weights fingerprint, model sources, precision; 3: refine, on-disk inverted lists
+VERSION = 4  # 2: weights fingerprint, model sources, precision; 3: refine, on-disk inverted lists;
+#               4: the checksum covers the header too
 DEFAULT_REFINE_K = 8  # PQ shortlist of k * DEFAULT_REFINE_K re-ranked by the refine codes
 CHUNK_BYTES = 64 << 20  # default streaming chunk: 64 MiB of float32 rows
 SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 1 << 16  # sampled checksum of an .ivfdata file
+
+
+_ROLES = {  # how check_model words a refusal for its caller: the queries of a search, or descriptors to add
+    "query": {"what": "the queries",
+              "config": "the query model (digest {theirs}) is not the index's model (digest {mine}); they differ "
+                        "in {diff}. Describe the queries with the index's model config.",
+              "weights": "the query model has the index's config but other weights"},
+    "add": {"what": "these descriptors",
+            "config": "these descriptors were made by another model than the index's (digest {theirs}, the "
+                      "index's {mine}); they differ in {diff}. Add only descriptors extracted with the index's "
+                      "model, or build a new index from these.",
+            "weights": "these descriptors were made with the index's model config but other weights"},
+}
 
 
 class IndexFileError(ValueError):
@@ -119,9 +138,9 @@ def _require_gpu() -> None:
                          "(install faiss-gpu on a machine with a CUDA GPU, or leave out --gpu)")
 
 
-def _sha256_file(path, start: int = 0, stop: int | None = None, block: int = 16 << 20) -> str:
-    """SHA-256 of bytes ``[start, stop)`` of a file, read in blocks."""
-    digest = hashlib.sha256()
+def _sha256_file(path, start: int = 0, stop: int | None = None, block: int = 16 << 20, digest=None) -> str:
+    """SHA-256 of bytes ``[start, stop)`` of a file, read in blocks (fed to ``digest`` if given)."""
+    digest = hashlib.sha256() if digest is None else digest
     with open(path, "rb") as f:
         f.seek(start)
         left = (os.path.getsize(path) if stop is None else stop) - start
@@ -152,6 +171,85 @@ def sampled_sha256(path, blocks: int = SAMPLE_BLOCKS, block: int = SAMPLE_BLOCK_
             f.seek(int(offset))
             digest.update(f.read(block))
     return digest.hexdigest()
+
+
+def _canonical_header(header: dict) -> bytes:
+    """The bytes of an index header that its checksum covers: every field but ``sha256``, canonical JSON.
+
+    Canonical (sorted keys, no spaces), not the bytes as written, so that the
+    checksum can be computed before the header holds it; any change of a
+    field's value changes these bytes.
+    """
+    fields = {key: value for key, value in header.items() if key != "sha256"}
+    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _temp_path(path: Path, kind: str) -> Path:
+    """A short hidden name beside ``path`` for a file being written: ``.<name, 32 bytes at most>~<8 hex>.<kind>``.
+
+    ``path``'s own name may already be as long as the file system allows
+    (255 bytes), so ``path.name + ".tmp"`` would fail, after the whole build.
+    The hex digits (of the full name) keep two outputs with a common start
+    apart; the name is the same at every run, so a run replaces what a killed
+    one left behind.
+    """
+    raw = os.fsencode(path.name)
+    return path.with_name(f".{raw[:32].decode('utf-8', 'ignore')}~{hashlib.sha256(raw).hexdigest()[:8]}.{kind}")
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` allows (255 when it cannot be asked)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+@contextlib.contextmanager
+def _writing(path: Path, left: str = "nothing was replaced"):
+    """Name the index file in a failed write (a full disk, a read-only folder), and say what is ``left``.
+
+    Without it the error is faiss's ``32000 requested and 25568 written`` or a
+    bare ``No space left on device``, about no file or a temporary one.  The
+    previous index at ``path`` is untouched: it is replaced only by the last,
+    atomic step (an on-disk build has replaced its ``.ivfdata`` file by then).
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            (str(exc).strip().splitlines() or [type(exc).__name__])[-1])
+        error = OSError(f"cannot write the index {path}: {reason}; {left}")
+        error.errno = getattr(exc, "errno", None)
+        raise error from None
+
+
+def is_index_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a file that starts like a remap index (of any version, even a damaged one)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def check_index_output(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], force: bool = False) -> None:
+    """Refuse to write an index over one of its ``inputs``, or over a file that is not an index unless ``force``.
+
+    ``remap index build SRC -o SRC/descriptors.npy`` would replace its own
+    input, and ``-o notes.txt`` an unrelated file; both ended with exit code 0.
+    An existing index is replaced (atomically), as a rebuild should.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    for source in inputs:
+        if os.path.exists(source) and os.path.samefile(path, source):
+            same = "" if os.path.abspath(path) == os.path.abspath(source) else f" ({source})"
+            raise FileExistsError(f"-o {path} is an input of the index{same}; write the index to another file")
+    if not force and not is_index_file(path):
+        raise FileExistsError(f"-o {path} exists and is not a remap index; choose another file name, "
+                              "or add --force to replace it")
 
 
 class PathTable(Sequence):
@@ -231,7 +329,7 @@ class _NpyRows:
 
     def __init__(self, npy: Path):
         self.npy = npy
-        m = np.load(npy, mmap_mode="r", allow_pickle=False)  # parses the header; reads no data page
+        m = load_npy(npy, mmap_mode="r")  # parses the header; reads no data page
         if m.dtype != np.float32 or m.ndim != 2 or not m.flags.c_contiguous:
             raise ValueError(f"{npy}: expected a C-ordered float32 (N, D) matrix, got {m.dtype} {m.shape}")
         self.shape, self.offset, self.row_bytes = tuple(m.shape), int(m.offset), 4 * int(m.shape[1])
@@ -330,6 +428,12 @@ class DescriptorSource:
             raise ValueError(f"{folder}: descriptors.npy holds {source.shape}, manifest.json says "
                              f"({manifest['count']}, {manifest['dim']}); rerun `remap extract`")
         return source
+
+    def inputs(self) -> list[Path]:
+        """The files of the extraction folder an index of this source is made from (none for an array)."""
+        if self.folder is None:
+            return []
+        return [self.folder / name for name in ("descriptors.npy", "paths.jsonl", "manifest.json", "extraction.json")]
 
     @classmethod
     def from_array(cls, x: np.ndarray, paths, config: dict | None = None) -> "DescriptorSource":
@@ -460,7 +564,8 @@ class RetrievalIndex:
         self.paths: Sequence[str] = []  # a list, or a PathTable (read from a file or a source)
         self.nprobe = 1
         self.ivfdata: dict | None = None  # on-disk inverted lists: {"file", "bytes", "sha256", "sampled_sha256"}
-        self._file: Path | None = None  # where an on-disk index was loaded from
+        self._file: Path | None = None  # where the index was loaded from
+        self._recorded_digest: str | None = None  # the model digest its file recorded
         self._gpu_index = None  # cached GPU copy for search
 
     @classmethod
@@ -485,6 +590,16 @@ class RetrievalIndex:
     # ------------------------------------------------------------------ metadata
     @property
     def model_digest(self) -> str | None:
+        """The digest of the index's model: the one its file recorded, else computed from ``model_config``.
+
+        The recorded one is what the descriptors were checked against when the
+        index was built; a model rebuilt from ``model_config`` must give it.
+        """
+        if self._recorded_digest is not None:
+            return self._recorded_digest
+        return self._config_digest()
+
+    def _config_digest(self) -> str | None:
         if self.model_config is None:
             return None
         from .config import ModelConfig
@@ -522,39 +637,43 @@ class RetrievalIndex:
         return text + (", on disk" if self.on_disk else "")
 
     def check_model(self, model_config: dict | None, weights_fingerprint: str | None = None,
-                    precision: str | None = None) -> None:
-        """Refuse queries from a model other than the index's.
+                    precision: str | None = None, *, role: str = "query") -> None:
+        """Refuse descriptors from a model other than the index's.
 
         The config digest says which architecture; the weights fingerprint
         (:meth:`RetrievalModel.fingerprint`) says which weights, region weights α
         and whitening: an ImageNet model and its fine-tuned twin share a config
-        but not a fingerprint.  A query given without a fingerprint is checked
-        by config only (logged).
+        but not a fingerprint.  Descriptors given without a fingerprint are
+        checked by config only (logged).  ``role`` words the refusal for the
+        caller: ``"query"`` (a search) or ``"add"`` (descriptors to add).
         """
+        if role not in _ROLES:
+            raise ValueError(f"role must be one of {sorted(_ROLES)}, got {role!r}")
         if self.model_config is None or model_config is None:
             return
         from .config import ModelConfig
 
+        words = _ROLES[role]
         theirs = ModelConfig.from_dict(model_config).digest()
         if theirs != self.model_digest:
             mine = ModelConfig.from_dict(self.model_config).to_dict()
             other = ModelConfig.from_dict(model_config).to_dict()
             diff = {k: (mine[k], other[k]) for k in mine if mine[k] != other.get(k)}
-            raise ModelMismatchError(
-                f"the query model (digest {theirs}) is not the index's model (digest {self.model_digest}); "
-                f"they differ in {diff}. Describe the queries with the index's model config."
-            )
+            if not diff:  # the index's own config does not give the digest it recorded
+                raise ModelMismatchError(
+                    f"{self._file or 'the index'} records model digest {self.model_digest}, but its model config "
+                    f"gives {self._config_digest()} (written by another remap, or edited); rebuild the index")
+            raise ModelMismatchError(words["config"].format(theirs=theirs, mine=self.model_digest, diff=diff))
         if self.weights_fingerprint is not None:
             if weights_fingerprint is None:
-                log.warning("query weights not verified against the index's (no fingerprint given)")
+                log.warning("%s not verified against the index's weights (no fingerprint given)", words["what"])
             elif weights_fingerprint != self.weights_fingerprint:
                 raise ModelMismatchError(
-                    f"the query model has the index's config but other weights (fingerprint "
+                    f"{words['weights']} (fingerprint "
                     f"{weights_fingerprint}, index {self.weights_fingerprint}: another checkpoint, region "
-                    f"weights or whitening){self._sources_hint()}"
-                )
+                    f"weights or whitening){self._sources_hint()}")
         if precision is not None and precision != self.precision:
-            raise ModelMismatchError(f"the index holds {self.precision} descriptors; the queries are {precision}")
+            raise ModelMismatchError(f"the index holds {self.precision} descriptors; {words['what']} are {precision}")
 
     def _sources_hint(self) -> str:
         if not self.model_sources:
@@ -665,6 +784,22 @@ class RetrievalIndex:
 
         add_to(self.index, x)
 
+    def refuse_known_paths(self, paths: Sequence[str], source: str = "these descriptors") -> None:
+        """Refuse to add images the index already holds (the same path, ``./`` and ``//`` aside).
+
+        Adding one extraction folder twice used to duplicate every entry: a
+        search then returned each photo two or three times at score 1.0.
+        Refused rather than skipped, so that the index and the command's
+        output never disagree about what was added.
+        """
+        known = {os.path.normpath(p) for p in self.paths}
+        again = [p for p in paths if os.path.normpath(p) in known]
+        if again:
+            where = self._file or "the index"
+            raise ValueError(f"{len(again)} of the {len(paths)} images of {source} are already in {where} "
+                             f"(e.g. {again[0]}); nothing was added. Extract only the new images into another "
+                             "folder and add that, or rebuild the index with `remap index build`")
+
     def _extend_paths(self, paths: Sequence[str]) -> None:
         if not len(self.paths):
             self.paths = paths if isinstance(paths, PathTable) else list(paths)  # a table stays packed
@@ -743,6 +878,11 @@ class RetrievalIndex:
         path = Path(path)
         if shards < 1:
             raise ValueError(f"shards must be at least 1, got {shards}")
+        data_name = f"{path.name}.ivfdata"
+        if len(os.fsencode(data_name)) > _name_max(path.parent):  # refused now, not after the whole build
+            limit = _name_max(path.parent) - len(".ivfdata")
+            raise ValueError(f"{path}: too long a name for an on-disk index, whose lists go to NAME.ivfdata beside "
+                             f"it; choose a name of at most {limit} bytes")
         if not len(source):
             raise ValueError(f"{source.folder or 'the source'} holds no descriptors")
         index = cls._for_source(source, factory, truncate)
@@ -758,8 +898,7 @@ class RetrievalIndex:
         t = time.perf_counter()
         if not index.index.is_trained:
             index.train(source.sample(train_size, seed), use_gpu=use_gpu)
-        work = path.with_name(f".{path.name}.build")
-        data_tmp = path.with_name(f".{path.name}.ivfdata.tmp")
+        work, data_tmp = _temp_path(path, "build"), _temp_path(path, "ivfdata.tmp")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
@@ -798,18 +937,20 @@ class RetrievalIndex:
                         del shard
                 checksum.check()
             merged = faiss.read_index(str(trained))
-            with _quiet_stdout():  # faiss prints "resizing FILE to N bytes"
+            with _writing(path), _quiet_stdout():  # faiss prints "resizing FILE to N bytes"
                 merge_ondisk(merged, [out for _, _, out in jobs], str(data_tmp))
             index.paths, count = source.paths, merged.ntotal
             payload = faiss.serialize_index(merged)  # small: the lists' offsets, not their data
             del merged  # unmaps the .ivfdata file
-            with open(data_tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            ivfdata = {"file": f"{path.name}.ivfdata", "bytes": os.path.getsize(data_tmp),
-                       "sha256": _sha256_file(data_tmp), "sampled_sha256": sampled_sha256(data_tmp)}
-            os.replace(data_tmp, path.with_name(ivfdata["file"]))
+            with _writing(path):
+                with open(data_tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                ivfdata = {"file": data_name, "bytes": os.path.getsize(data_tmp),
+                           "sha256": _sha256_file(data_tmp), "sampled_sha256": sampled_sha256(data_tmp)}
+                os.replace(data_tmp, path.with_name(data_name))
             index.ivfdata = ivfdata
-            index._write(path, payload, count)
+            index._write(path, payload, count, left=f"{data_name} was replaced already, so a previous {path.name} "
+                                                   "is refused until the build is run again")
         finally:
             shutil.rmtree(work, ignore_errors=True)
             data_tmp.unlink(missing_ok=True)
@@ -889,7 +1030,8 @@ class RetrievalIndex:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
-        """One file: magic, header (JSON, with the payload's SHA-256), faiss index, paths; atomic.
+        """One file: magic, header (JSON, with the SHA-256 of the header and the payload), faiss index, paths;
+        written atomically (a failed or interrupted write leaves the previous file as it was).
 
         An on-disk index's ``.ivfdata`` stays where it was built: it can be saved
         again (e.g. with another default ``nprobe``) only under its own name.
@@ -899,48 +1041,64 @@ class RetrievalIndex:
         if self.on_disk and (self._file is None or path.resolve() != self._file.resolve()):
             raise ValueError(f"an on-disk index is saved only where it was built ({self._file}); to move it, "
                              f"move {self._file} and {self.ivfdata['file']} together")
-        tmp = path.with_name(f".{path.name}.faiss.tmp")
+        tmp = _temp_path(path, "faiss.tmp")
         try:
-            faiss.write_index(self.index, str(tmp))  # streamed to disk, no copy in memory
+            with _writing(path):
+                faiss.write_index(self.index, str(tmp))  # streamed to disk, no copy in memory
             self._write(path, tmp)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _write(self, path: Path, payload, count: int | None = None) -> None:
-        """Write the index file from ``payload``: the serialised faiss index (a file, or bytes) of ``count``."""
+    def _header(self, index_bytes: int, table: PathTable, count: int | None) -> dict:
+        """The header of the index file, without its checksum."""
+        return {"version": VERSION, "factory": self.factory, "dim": self.dim, "truncate": self.truncate,
+                "count": len(self) if count is None else count, "model_config": self.model_config,
+                "model_digest": self.model_digest,
+                "weights_fingerprint": self.weights_fingerprint, "model_sources": self.model_sources,
+                "precision": self.precision, "refine": self.refine, "refine_k": self.refine_k,
+                "nprobe": self.nprobe, "ivfdata": self.ivfdata, "index_bytes": index_bytes,
+                "paths_format": "packed", "paths_bytes": table.packed_bytes()}
+
+    def _write(self, path: Path, payload, count: int | None = None, left: str = "nothing was replaced") -> None:
+        """Write the index file from ``payload``: the serialised faiss index (a file, or bytes) of ``count``.
+
+        ``left``: what a failed write leaves, for its error message.
+
+        The checksum covers the header (:func:`_canonical_header`), then the
+        payload and the paths.  The file is written under a short temporary
+        name (:func:`_temp_path`), then renamed over ``path``.
+        """
         table = self.paths if isinstance(self.paths, PathTable) else PathTable.from_list(self.paths)
         paths = table.packed()
-        if isinstance(payload, Path):
-            index_bytes, digest = os.path.getsize(payload), hashlib.sha256()
-            with open(payload, "rb") as f:
-                while block := f.read(16 << 20):
-                    digest.update(block)
-        else:
+        if not isinstance(payload, Path):
             payload = memoryview(np.ascontiguousarray(payload)).cast("B")
-            index_bytes, digest = len(payload), hashlib.sha256(payload)
+        header = self._header(os.path.getsize(payload) if isinstance(payload, Path) else len(payload), table, count)
+        digest = hashlib.sha256(_canonical_header(header))
+        if isinstance(payload, Path):
+            _sha256_file(payload, digest=digest)
+        else:
+            digest.update(payload)
         for part in paths:
             digest.update(part)
-        header = {"version": VERSION, "factory": self.factory, "dim": self.dim, "truncate": self.truncate,
-                  "count": len(self) if count is None else count, "model_config": self.model_config,
-                  "model_digest": self.model_digest,
-                  "weights_fingerprint": self.weights_fingerprint, "model_sources": self.model_sources,
-                  "precision": self.precision, "refine": self.refine, "refine_k": self.refine_k,
-                  "nprobe": self.nprobe, "ivfdata": self.ivfdata, "index_bytes": index_bytes,
-                  "paths_format": "packed", "paths_bytes": table.packed_bytes(), "sha256": digest.hexdigest()}
+        header["sha256"] = digest.hexdigest()
         head = json.dumps(header).encode()
-        tmp = path.with_name(f"{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(head)) + head)
-            if isinstance(payload, Path):
-                with open(payload, "rb") as g:
-                    shutil.copyfileobj(g, f, 16 << 20)
-            else:
-                f.write(payload)
-            for part in paths:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = _temp_path(path, "tmp")
+        try:
+            with _writing(path, left):
+                with open(tmp, "wb") as f:
+                    f.write(MAGIC + struct.pack("<Q", len(head)) + head)
+                    if isinstance(payload, Path):
+                        with open(payload, "rb") as g:
+                            shutil.copyfileobj(g, f, 16 << 20)
+                    else:
+                        f.write(payload)
+                    for part in paths:
+                        f.write(part)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: str = "sampled") -> "RetrievalIndex":
@@ -957,23 +1115,9 @@ class RetrievalIndex:
             raise FileNotFoundError(f"index file {path} does not exist")
         if path.is_dir():
             raise IndexFileError(f"{path} is a folder, not an index file")
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            start = f.read(len(MAGIC) + 8)
-            if not start.startswith(MAGIC) or len(start) < len(MAGIC) + 8:
-                raise IndexFileError(f"{path} is not a remap index file")
-            (n,) = struct.unpack("<Q", start[8:16])
-            try:
-                header = json.loads(f.read(min(n, size)))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise IndexFileError(f"{path}: damaged header ({exc})") from None
-            body = 16 + n
-            expected = header["index_bytes"] + header["paths_bytes"]
-            if size - body != expected:
-                raise IndexFileError(f"{path} is truncated or padded: {size - body} bytes of data, "
-                                     f"expected {expected}")
-            if _sha256_file(path, body) != header["sha256"]:
-                raise IndexFileError(f"{path} is corrupt: its checksum does not match")
+            header, body = _read_header(f, path)
+            _check_checksum(path, header, body)  # from here on, every header field is the one written
             ivfdata = header.get("ivfdata")
             data_file = None
             if ivfdata is not None:
@@ -990,11 +1134,8 @@ class RetrievalIndex:
 
             flags = faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY if ivfdata else 0
             index = faiss.read_index(faiss.PyCallbackIOReader(read), flags)
-            f.seek(body + header["index_bytes"])
-            if header.get("paths_format", "json") == "json":  # version 2
-                paths = json.loads(f.read(header["paths_bytes"]))
-            else:  # memory-mapped: pages are read when a path is asked for
-                paths = PathTable.map(path, body + header["index_bytes"], header["paths_bytes"])
+            # memory-mapped: pages are read when a path is asked for
+            paths = PathTable.map(path, body + header["index_bytes"], header["paths_bytes"])
         if data_file is not None:  # map the checked file, wherever the index was built
             lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
             lists.filename = str(data_file)
@@ -1004,14 +1145,55 @@ class RetrievalIndex:
                   weights_fingerprint=header.get("weights_fingerprint"), model_sources=header.get("model_sources"),
                   precision=header.get("precision", "f32"), refine=header.get("refine"),
                   refine_k=header.get("refine_k", DEFAULT_REFINE_K))
-        if header.get("version", 1) < 2:
-            log.warning("%s was written by an older remap: its model weights cannot be verified; rebuild it", path)
+        obj._recorded_digest = header.get("model_digest")
         obj.paths = paths
         obj.nprobe = header.get("nprobe", 1)
         obj.ivfdata, obj._file = ivfdata, path
         if len(obj.paths) != index.ntotal:
             raise IndexFileError(f"{path}: {index.ntotal} vectors but {len(obj.paths)} paths")
         return obj
+
+
+def _read_header(f, path: Path) -> tuple[dict, int]:
+    """The JSON header of an open index file and the offset of what follows it; refuses other versions.
+
+    Files of versions 1-3 are refused, not read: their checksum does not
+    cover the header, so an edited model option or count would go unnoticed.
+    """
+    size = os.path.getsize(path)
+    start = f.read(len(MAGIC) + 8)
+    if not start.startswith(MAGIC) or len(start) < len(MAGIC) + 8:
+        raise IndexFileError(f"{path} is not a remap index file")
+    (n,) = struct.unpack("<Q", start[8:16])
+    if n > size - len(start):
+        raise IndexFileError(f"{path} is truncated: its header says {n} bytes, the file holds {size - len(start)}")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFileError(f"{path}: damaged header ({exc})") from None
+    version = header.get("version") if isinstance(header, dict) else None
+    if type(version) is not int:
+        raise IndexFileError(f"{path}: damaged header (no format version)")
+    if version < VERSION:
+        raise IndexFileError(f"{path} was written by an older remap (index format {version}, whose checksum does "
+                             "not cover the header); rebuild it with `remap index build`")
+    if version > VERSION:
+        raise IndexFileError(f"{path} was written by a newer remap (index format {version}; this one reads "
+                             f"{VERSION}); update remap to read it")
+    return header, len(start) + n
+
+
+def _check_checksum(path: Path, header: dict, body: int) -> None:
+    """Refuse an index file whose size or SHA-256 (over its header and everything after it) is not the recorded one."""
+    sizes, digest = (header.get("index_bytes"), header.get("paths_bytes")), header.get("sha256")
+    if any(type(v) is not int or v < 0 for v in sizes) or not isinstance(digest, str):
+        raise IndexFileError(f"{path}: damaged header (its sizes or checksum are missing)")
+    data = os.path.getsize(path) - body
+    if data != sum(sizes):
+        raise IndexFileError(f"{path} is truncated or padded: {data} bytes of data, expected {sum(sizes)}")
+    if _sha256_file(path, body, digest=hashlib.sha256(_canonical_header(header))) != digest:
+        raise IndexFileError(f"{path} is corrupt: its checksum does not match (its header or its data changed "
+                             "since it was written); rebuild it")
 
 
 def _is_fast_scan(ivf) -> bool:

@@ -292,12 +292,18 @@ class KLWeights:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KLWeights":
+        not_ours = f"{path} is not a KL-weights JSON file written by `remap klw` ({KLW_FORMAT})"
         try:
-            blob = json.loads(open(path).read())
-        except (OSError, json.JSONDecodeError) as exc:
+            with open(path, encoding="utf-8") as f:
+                blob = json.load(f)
+        except OSError as exc:
             raise ValueError(f"cannot read KL weights {path}: {exc}") from exc
+        except UnicodeDecodeError as exc:  # a checkpoint, an image...: binary, not text
+            raise ValueError(f"{not_ours}: it is binary, not JSON text") from exc
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{not_ours}: invalid JSON at line {exc.lineno}, column {exc.colno}") from exc
         if not isinstance(blob, dict) or blob.get("format") != KLW_FORMAT:
-            raise ValueError(f"{path} is not a KL-weights file ({KLW_FORMAT})")
+            raise ValueError(not_ours)
         if not all(isinstance(blob.get(k), dict) for k in ("weights", "model", "settings")):
             raise ValueError(f"{path}: a KL-weights file needs 'weights', 'model' and 'settings' objects")
         weights = {}

@@ -31,9 +31,31 @@ from .config import ModelConfig
 from .pooling import GeM, MAC, RMAC, RegionWeights, RemapStream, SPoC
 from .whitening import PCAWhitening
 
-__all__ = ["RetrievalModel", "WhiteningNotLearnedError", "weights_fingerprint"]
+__all__ = ["RetrievalModel", "WhiteningNotLearnedError", "load_torch_file", "weights_fingerprint"]
 
 CHECKPOINT_FORMAT = "remap-checkpoint-v1"
+
+
+def load_torch_file(path: str | os.PathLike, what: str = "remap checkpoint", advice: str = "",
+                    map_location="cpu"):
+    """The contents of a torch file a user gave us, read as data (``weights_only=True``).
+
+    The one place every user file goes through ``torch.load`` (model checkpoints,
+    training and RPN-training checkpoints).  A file that cannot be read as data
+    is damaged or not ours: the error names it and says so in one line.
+    torch's own message is never passed on: it ends by advising to re-run with
+    ``weights_only`` set to ``False``, which would execute whatever code the file
+    holds.  A file that is missing or unreadable keeps its ``OSError``, which
+    names it.  ``what`` names the expected kind of file, ``advice`` what to do.
+    """
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...: torch's text stays out
+        raise ValueError(f"cannot read checkpoint {path}: not a {what}, or a damaged one ({type(exc).__name__})"
+                         + (f"; {advice}" if advice else "")) from exc
 
 
 class WhiteningNotLearnedError(RuntimeError):
@@ -298,10 +320,7 @@ class RetrievalModel(nn.Module):
         be finite: a file from a run that diverged is refused here, by tensor
         name, rather than producing NaN descriptors later.
         """
-        try:
-            blob = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+        blob = load_torch_file(path, map_location=map_location)
         if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a remap checkpoint ({CHECKPOINT_FORMAT})")
         state = blob.get("state_dict")

@@ -52,12 +52,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import functional as RF
-from .config import ModelConfig
+from .config import ModelConfig, load_yaml
 from .datasets import RetrievalDataset, load_dataset, parse_group_range, split_groups
 from .download import sha256_file
 from .extract import scaled_sizes
 from .images import ImageSpec, load_spec, resize_longer_side, to_tensor
-from .model import CHECKPOINT_FORMAT as MODEL_FORMAT, RetrievalModel
+from .model import CHECKPOINT_FORMAT as MODEL_FORMAT, RetrievalModel, load_torch_file
 from .pooling import RegionWeights, project_nonnegative_
 
 __all__ = ["TrainConfig", "Trainer", "check_no_overlap", "matching_pairs", "mine_hard_negatives", "train",
@@ -135,15 +135,17 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":
-        import yaml
-
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = load_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a training config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown training config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a value of the wrong kind (e.g. `steps: [1]`) meets a comparison: name the file
+            raise ValueError(f"{path}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -474,14 +476,7 @@ class Trainer:
     def _read_checkpoint(self) -> dict:
         path = self._checkpoint_path()
         advice = "delete it to start this training over, or restore a good copy of it to resume"
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except OSError:
-            raise
-        except Exception as exc:  # truncated, garbage: RuntimeError, UnpicklingError, EOFError, ... from torch
-            # (torch's own text may suggest weights_only=False: never, for a file that fails to load)
-            raise ValueError(f"cannot read the training checkpoint {path}: it is damaged or incomplete "
-                             f"({type(exc).__name__}); {advice}") from exc
+        blob = load_torch_file(path, "remap training checkpoint", advice)
         if not isinstance(blob, dict):
             problem = f"it holds a {type(blob).__name__}"
         elif blob.get("format") != CHECKPOINT_FORMAT:

@@ -53,10 +53,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, load_yaml
 from .extract import scaled_sizes
 from .images import ImageLoadError, load_spec, resize_longer_side, to_tensor
-from .model import RetrievalModel, weights_fingerprint
+from .model import RetrievalModel, load_torch_file, weights_fingerprint
 from .proposals import box_recall
 
 __all__ = ["RPNTrainConfig", "RPNTrainer", "train_rpn"]
@@ -133,17 +133,17 @@ class RPNTrainConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RPNTrainConfig":
-        import yaml
-
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: an RPN training config must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown train-rpn config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a value of the wrong kind (e.g. `steps: [1]`) meets a comparison: name the file
+            raise ValueError(f"{path}: {exc}") from exc
 
 
 class RPNTrainer:
@@ -159,6 +159,13 @@ class RPNTrainer:
 
     def __init__(self, cfg: RPNTrainConfig, boxes=None, val_boxes=None, backbone=None):
         self.cfg = cfg
+        torch.manual_seed(cfg.seed)  # the RPN's initialisation
+        if cfg.checkpoint:  # read first: a file that cannot be used fails before the long box estimation
+            base = RetrievalModel.load(cfg.checkpoint)
+            if base.config.backbone != cfg.model.backbone:
+                raise ValueError(f"{cfg.checkpoint} holds a {base.config.backbone} backbone, the model config asks "
+                                 f"for {cfg.model.backbone}; set model.backbone: {base.config.backbone}")
+            backbone = base.backbone
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.device == "auto":
@@ -172,13 +179,6 @@ class RPNTrainer:
                 val_boxes = self._boxes(val_pairs, "val_boxes")
         boxes, val_boxes = (getattr(b, "boxes", b) for b in (boxes, val_boxes))
 
-        torch.manual_seed(cfg.seed)  # the RPN's initialisation
-        if cfg.checkpoint:
-            base = RetrievalModel.load(cfg.checkpoint)
-            if base.config.backbone != cfg.model.backbone:
-                raise ValueError(f"{cfg.checkpoint} holds a {base.config.backbone} backbone, the model config asks "
-                                 f"for {cfg.model.backbone}; set model.backbone: {base.config.backbone}")
-            backbone = base.backbone
         self.model = RetrievalModel(cfg.model, backbone).to(self.device).eval()
         self.layer = self.model.layers[0]
         self.stream = self.model.streams[self.layer]
@@ -310,13 +310,7 @@ class RPNTrainer:
     def _resume(self, optimizer) -> None:
         path = self._checkpoint_path()
         advice = "delete it to start this training over, or use another out_dir"
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except OSError:
-            raise
-        except Exception as exc:  # truncated or not a torch file
-            raise ValueError(f"cannot read the RPN training checkpoint {path}: it is damaged or incomplete "
-                             f"({type(exc).__name__}); {advice}") from exc
+        blob = load_torch_file(path, "remap RPN training checkpoint", advice)
         if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT or \
                 any(k not in blob for k in _CHECKPOINT_KEYS):
             raise ValueError(f"{path} is not a remap RPN training checkpoint ({CHECKPOINT_FORMAT}); {advice}")

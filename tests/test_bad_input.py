@@ -92,6 +92,57 @@ CASES = {
 }
 
 
+# Issue 25 (second hardening round): new command lines, one block per area.
+CASES.update({  # index build / add / search
+    "index build -o its own descriptors.npy": (["index", "build", f"{W}/desc", "-o", f"{W}/desc/descriptors.npy"],
+                                               "an input of the index"),
+    "index build -o an existing file that is not an index": (["index", "build", f"{W}/desc", "-o",
+                                                              f"{W}/a_file.txt"], "a_file.txt exists and is not"),
+    "index add of a folder already in the index": (["index", "add", f"{W}/i.remap", f"{W}/desc"], "already in"),
+    "--qe-alpha nan": (["index", "search", f"{W}/i.remap", "--descriptors", f"{W}/desc", "--qe", "2",
+                        "--qe-alpha", "nan"], "--qe-alpha"),
+    "--qe-alpha -1": (["index", "search", f"{W}/i.remap", "--descriptors", f"{W}/desc", "--qe", "2",
+                       "--qe-alpha", "-1"], "--qe-alpha"),
+})
+CASES.update({  # extract: images, file names, temporary names
+    "-o a folder name over 255 bytes": (["extract", f"{W}/photos", "-o", f"{W}/{'o' * 256}", "--engine", "torch"],
+                                        "File name too long"),
+})
+CASES.update({  # model options, configs, checkpoints, klw / evaluate
+    "klw --checkpoint that cannot be read": (["klw", "-d", f"{W}/groups", "-o", f"{W}/k.json", "--nonmatching-ratio",
+                                              "2", "--checkpoint", f"{W}/run/checkpoint.pt"], "checkpoint.pt"),
+    "klw --klw (KL weights cannot act on their own estimate)": (["klw", "-d", f"{W}/groups", "-o", f"{W}/k.json",
+                                                                 "--nonmatching-ratio", "2", "--klw",
+                                                                 f"{W}/a_file.txt"], "--klw"),
+    "klw --image-size (klw resizes to --input-size)": (["klw", "-d", f"{W}/groups", "-o", f"{W}/k.json",
+                                                        "--nonmatching-ratio", "2", "--image-size", "64"],
+                                                       "--image-size"),
+    "evaluate --klw a missing file": (["evaluate", "-d", f"{W}/groups", "-m", "remap", "--image-size", "64", "--klw",
+                                       f"{W}/no_such.json"], "no_such.json"),
+    "evaluate --klw a binary file": (["evaluate", "-d", f"{W}/groups", "-m", "remap", "--image-size", "64", "--klw",
+                                      f"{W}/photos/chelsea.png"], "chelsea.png is not a KL-weights JSON"),
+    "evaluate --klw without a remap method": (["evaluate", "-d", f"{W}/groups", "-m", "mac", "--klw",
+                                               f"{W}/a_file.txt"], "-m does not name remap"),
+    "evaluate --whitening with two heads": (["evaluate", "-d", f"{W}/groups", "-m", "gem", "mac", "--whitening",
+                                             f"{W}/a_file.txt"], "--whitening"),
+    "evaluate --head (the heads are -m's)": (["evaluate", "-d", f"{W}/groups", "-m", "gem", "--head", "mac"],
+                                             "--head"),
+    "extract --checkpoint with --head": (["extract", f"{W}/photos", "-o", f"{W}/new", "--checkpoint",
+                                          f"{W}/run/checkpoint.pt", "--head", "mac"], "--head"),
+    "extract --multiscale with --image-size": (["extract", f"{W}/photos", "-o", f"{W}/new", "--multiscale",
+                                                "--image-size", "64"], "--image-size"),
+    "extract --list and image paths": (["extract", f"{W}/photos", "--list", f"{W}/a_file.txt", "-o", f"{W}/new"],
+                                       "not both"),
+    "--config a text file that is not JSON": (["extract", f"{W}/photos", "-o", f"{W}/new", "--config",
+                                               f"{W}/a_file.txt"], "a_file.txt"),
+    "train --config a binary file": (["train", "--config", f"{W}/photos/chelsea.png"], "chelsea.png"),
+    "train-rpn --config a binary file": (["train-rpn", "--config", f"{W}/photos/chelsea.png"], "chelsea.png"),
+    "notebooks -p a binary file": (["notebooks", "-p", f"{W}/photos/chelsea.png", "-o", f"{W}/nb"], "chelsea.png"),
+    "notebooks --only that names no notebook": (["notebooks", "--only", "no_such_notebook", "-o", f"{W}/nb"],
+                                                "no_such_notebook"),
+})
+
+
 def _run(argv, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "remap_lib.cli"] + argv, cwd=cwd, env=env,

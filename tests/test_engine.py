@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -156,7 +158,7 @@ def test_exports_are_cached_on_disk_and_a_broken_file_is_replaced(lite0, images,
     engine = create_engine(model, "openvino")
     expected = engine.describe(images)
     xml = E.export_path(cache_dir, engine.key())
-    assert xml.name.startswith(f"efficientnet_lite0-{E.weights_fingerprint(lite0)}-head+block15-")
+    assert xml.parent.name.startswith(f"efficientnet_lite0-{E.weights_fingerprint(lite0)}-head+block15-")
     assert xml.exists() and xml.with_suffix(".bin").exists()
     monkeypatch.setattr(E, "_COMPILED", type(E._COMPILED)())  # a new process: nothing in memory
     exported = []
@@ -168,6 +170,104 @@ def test_exports_are_cached_on_disk_and_a_broken_file_is_replaced(lite0, images,
     monkeypatch.setattr(E, "_COMPILED", type(E._COMPILED)())
     assert (create_engine(model, "openvino").describe(images) - expected).abs().max() <= TOL
     assert "truncated" not in xml.read_text()  # written again
+
+
+def flip_a_bit_in_the_bin(xml):
+    """One exponent bit of a float32 weight a fifth into the .bin: the size stays, the weight is 2^64× too big.
+
+    A fifth: EfficientNet-Lite0's block 13 there, where the flip costs the descriptors of ``images`` a cosine of
+    ~0.4 (in the middle it hits a weight these images never use, and only the check would notice).
+    """
+    path = xml.with_suffix(".bin")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 20 * 4 + 3] ^= 0x40  # byte 3 of a 4-aligned float: the sign and the exponent's top bits
+    path.write_bytes(bytes(data))
+
+
+def shift_the_first_weights_in_the_xml(xml):
+    """A same-size edit that OpenVINO reads happily: the first 4-d weights start one float later in the .bin."""
+    text = xml.read_text()
+    match = re.search(r'shape="\d+, \d+, \d+, \d+" offset="(\d+)"', text)
+    old = match.group(0)
+    new = old.replace(f'offset="{match[1]}"', f'offset="{int(match[1]) + 4}"')
+    assert len(new) == len(old)
+    xml.write_text(text.replace(old, new, 1))
+
+
+class Unchecked(E.InferenceEngine):
+    """What a load without the check gives: OpenVINO reading the files as they lie."""
+
+    def __init__(self, model, xml):
+        super().__init__(model)
+        compiled = E._core().compile_model(E._core().read_model(str(xml)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self.request = compiled.create_infer_request()
+
+    def feature_maps(self, images):
+        out = self.request.infer([images.numpy()], share_outputs=False)
+        return {layer: torch.from_numpy(out[i]) for i, layer in enumerate(self.model.layers)}
+
+
+def record_matches_files(xml):
+    recorded = json.loads((xml.parent / "sha256.json").read_text())["sha256"]
+    return recorded == {f.name: E._sha256(f.read_bytes()) for f in (xml, xml.with_suffix(".bin"))}
+
+
+@pytest.mark.parametrize("damage", [flip_a_bit_in_the_bin, shift_the_first_weights_in_the_xml])
+def test_a_damaged_export_of_the_same_size_is_exported_again_with_one_warning(lite0, images, cache_dir,
+                                                                              monkeypatch, caplog, damage):
+    model = model_for(lite0, "remap")
+    with torch.no_grad():
+        expected = create_engine(model, "torch").describe(images)
+    engine = create_engine(model, "openvino")
+    engine.compiled()  # exported, or already on disk from another test
+    xml = E.export_path(cache_dir, engine.key())
+    before = {f: f.read_bytes() for f in (xml, xml.with_suffix(".bin"))}
+    damage(xml)
+    assert [len(data) for data in before.values()] == [f.stat().st_size for f in before]
+    assert [f.read_bytes() for f in before] != list(before.values())
+    assert (Unchecked(model, xml).describe(images) - expected).abs().max() > 0.01  # the damage matters
+
+    monkeypatch.setattr(E, "_COMPILED", type(E._COMPILED)())  # a new process: nothing in memory
+    with caplog.at_level(logging.WARNING, logger="remap_lib.engine"):
+        got = create_engine(model, "openvino").describe(images)
+    assert (got - expected).abs().max() <= TOL
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert xml.parent.name in warnings[0] and "exporting again" in warnings[0]
+    assert record_matches_files(xml)  # written again, with its record
+
+    caplog.clear()  # the new export proves itself: read from disk, no warning, no export
+    monkeypatch.setattr(E, "_COMPILED", type(E._COMPILED)())
+    monkeypatch.setattr(E, "export_openvino", lambda *a: pytest.fail("exported again"))
+    with caplog.at_level(logging.WARNING, logger="remap_lib.engine"):
+        assert (create_engine(model, "openvino").describe(images) - expected).abs().max() <= TOL
+    assert caplog.records == []
+
+
+def test_an_export_without_its_record_is_not_trusted(lite0, images, cache_dir, monkeypatch, caplog):
+    model = model_for(lite0, "gem")
+    engine = create_engine(model, "openvino")
+    expected = engine.describe(images)
+    xml = E.export_path(cache_dir, engine.key())
+    (xml.parent / "sha256.json").unlink()
+    monkeypatch.setattr(E, "_COMPILED", type(E._COMPILED)())
+    with caplog.at_level(logging.WARNING, logger="remap_lib.engine"):
+        assert (create_engine(model, "openvino").describe(images) - expected).abs().max() <= TOL
+    assert len(caplog.records) == 1 and "sha256.json" in caplog.text
+    assert record_matches_files(xml)
+    assert not list(cache_dir.glob(".*"))  # no temporary or discarded folder left behind
+
+
+def test_a_second_writer_of_the_same_export_keeps_the_first(lite0, cache_dir):
+    model = model_for(lite0, "mac")
+    engine = create_engine(model, "openvino")
+    engine.compiled()
+    xml = E.export_path(cache_dir, engine.key())
+    first = {f.name: f.read_bytes() for f in xml.parent.iterdir()}
+    E._save(E.export_openvino(lite0, model.layers), xml)  # a process that exported meanwhile (other node names)
+    assert {f.name: f.read_bytes() for f in xml.parent.iterdir()} == first  # never one writer's .xml, another's record
+    assert record_matches_files(xml)
+    assert not list(cache_dir.glob(".*"))
 
 
 def test_engine_choice_and_clear_errors(lite0):

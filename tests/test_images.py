@@ -89,3 +89,45 @@ def test_resize_keeps_aspect_and_to_tensor_range():
     assert img.size == (128, 96)
     t = to_tensor(img)
     assert t.shape == (3, 96, 128) and t.dtype.is_floating_point and 0 <= t.min() and t.max() <= 1
+
+
+# ---------------------------------------------------------------------- issue 25, item 8a
+def test_formats_the_loader_cannot_read_are_listed_and_refused_by_suffix(tmp_path):
+    """A .heic (no decoder here) and a .dng (TIFF inside: must not be read as its preview) are refused,
+    with the format in the reason; a folder lists them, and still ignores files that are not images."""
+    from remap_lib.images import list_images
+
+    (tmp_path / "phone.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
+    _photo((300, 200)).save(tmp_path / "raw.dng", "TIFF")  # PIL would decode this content as a TIFF
+    _photo().save(tmp_path / "plain.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert list_images(tmp_path) == [str(tmp_path / n) for n in ("phone.HEIC", "plain.png", "raw.dng")]
+    with pytest.raises(ImageLoadError, match=r"unsupported image format \(\.heic\).*convert the file to JPEG"):
+        load_image(tmp_path / "phone.HEIC")
+    with pytest.raises(ImageLoadError, match=r"unsupported image format \(\.dng\)"):
+        load_image(tmp_path / "raw.dng")
+
+
+def test_formats_this_pillow_can_decode_are_read(tmp_path):
+    from PIL import features
+
+    if not features.check("jpg_2000"):
+        pytest.skip("this Pillow has no JPEG 2000 codec")
+    img = _photo((64, 48))
+    img.save(tmp_path / "a.jp2", irreversible=False)  # lossless
+    assert np.array_equal(np.asarray(load_image(tmp_path / "a.jp2")), np.asarray(img))
+
+
+def test_pixels_become_exactly_the_tensor_of_the_image():
+    """The pipe fallback of loader workers sends uint8 pixels; the tensor made of them must be the same."""
+    import torch
+
+    from remap_lib.images import pixels_to_tensor, to_pixels
+
+    img = _photo((97, 61))
+    pixels = to_pixels(img)
+    assert pixels.dtype == np.uint8 and pixels.shape == (61, 97, 3)
+    pixels.setflags(write=False)  # as a pickled array may arrive
+    t = pixels_to_tensor(pixels)
+    expected = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    assert torch.equal(t, expected) and torch.equal(to_tensor(img), expected)

@@ -126,7 +126,9 @@ def test_cli_build_search_add(tmp_path, photo_dir, capsys):
                  "64", "-q", "--workers", "0"]) == 0
     capsys.readouterr()
     assert main(["index", "add", str(tmp_path / "i.remap"), str(other)]) == 2
-    assert "not the index's model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: these descriptors were made by another model than the index's" in err
+    assert "query" not in err  # an add has no query (issue 25)
 
 
 def test_synthetic_distractors_follow_the_real_moments():
@@ -438,3 +440,270 @@ def test_cli_index_build_at_scale_options(tmp_path, capsys):
     assert main(build + ["-o", str(tmp_path / "damaged.remap")]) == 2
     assert "does not match manifest.json" in capsys.readouterr().err
     assert not (tmp_path / "damaged.remap").exists()
+
+
+# ---------------------------------------------------------------------- issue 25: files, overwrites, messages
+def _small_index(tmp_path, n=50, name="i.remap"):
+    """An extraction folder of ``n`` rows and a Flat index of it, built by `remap index build`."""
+    desc = _extraction_folder(tmp_path / "desc", _unit(n, 16, 20), [f"photos/{i}.jpg" for i in range(n)])
+    out = tmp_path / name
+    assert main(["index", "build", str(desc), "-o", str(out), "-q"]) == 0
+    return desc, out
+
+
+def _split(data: bytes):
+    """``(header, body)`` of an index file's bytes."""
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", data[8:16])
+    return json.loads(data[16:16 + n]), data[16 + n:]
+
+
+def _join(header: dict, body: bytes, rehash: str | None = None) -> bytes:
+    """An index file of ``header`` and ``body``; ``rehash``: recompute its checksum as format ``"v4"``
+    (the header's canonical JSON, then the body) or ``"v3"`` (the body only) would."""
+    import hashlib
+    import json
+    import struct
+
+    header = dict(header)
+    if rehash == "v4":
+        fields = {k: v for k, v in header.items() if k != "sha256"}
+        header["sha256"] = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+                                          + body).hexdigest()
+    elif rehash == "v3":
+        header["sha256"] = hashlib.sha256(body).hexdigest()
+    head = json.dumps(header).encode()
+    return b"REMAPIDX" + struct.pack("<Q", len(head)) + head + body
+
+
+def _changed(value):
+    """Another value of the same kind (the first item of a dict or list changed)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value[:-1] + ("0" if value[-1:] != "0" else "1")
+    if isinstance(value, dict):
+        return {**value, next(iter(value)): _changed(next(iter(value.values())))} if value else {"checkpoint": "/x"}
+    if isinstance(value, list):
+        return [_changed(value[0])] + value[1:] if value else [1]
+    return 1  # None
+
+
+def test_every_header_field_edit_is_refused(tmp_path):
+    desc, out = _small_index(tmp_path)
+    good = out.read_bytes()
+    header, body = _split(good)
+    accepted = []
+    for key in header:
+        out.write_bytes(_join({**header, key: _changed(header[key])}, body))  # the file edited in place
+        try:
+            RetrievalIndex.load(out)
+            accepted.append(key)
+        except IndexFileError as exc:
+            assert str(out) in str(exc), (key, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a crash is no clear refusal either
+            accepted.append(f"{key} ({type(exc).__name__}: {exc})")
+    assert not accepted, f"header edits not refused with an IndexFileError: {accepted}"
+    assert header["version"] == 4 and header["count"] == 50 and header["weights_fingerprint"] == "f" * 16
+    # the issue's own edit, byte for byte: the same length, so only the checksum can see it
+    sizes = b'"image_sizes": [%d]' % header["model_config"]["image_sizes"][0]
+    assert good.count(sizes) == 1
+    out.write_bytes(good.replace(sizes, sizes[:-2] + b"7]"))
+    with pytest.raises(IndexFileError, match="corrupt: its checksum does not match"):
+        RetrievalIndex.load(out)
+    out.write_bytes(good)
+    assert len(RetrievalIndex.load(out)) == 50
+
+
+def test_an_index_of_the_old_format_is_refused_with_a_message_to_rebuild_it(tmp_path):
+    _, out = _small_index(tmp_path)
+    header, body = _split(out.read_bytes())
+    old = tmp_path / "old.remap"
+    old.write_bytes(_join({**header, "version": 3}, body, rehash="v3"))  # as remap wrote it before issue 25
+    with pytest.raises(IndexFileError, match=r"old.remap was written by an older remap \(index format 3.*rebuild"):
+        RetrievalIndex.load(old)
+    old.write_bytes(_join({**header, "version": 5}, body, rehash="v4"))
+    with pytest.raises(IndexFileError, match="newer remap"):
+        RetrievalIndex.load(old)
+
+
+def test_search_by_image_refuses_a_header_that_does_not_give_its_recorded_model(tmp_path, photo_dir, capsys):
+    desc, index = tmp_path / "desc", tmp_path / "i.remap"
+    assert main(["extract", str(photo_dir), "-o", str(desc), "--head", "gem", "--image-size", "64", "-q",
+                 "--workers", "0", "--engine", "torch"]) == 0
+    assert main(["index", "build", str(desc), "-o", str(index), "-q"]) == 0
+    query = ["index", "search", str(index), str(photo_dir / "coffee.png"), "-k", "3", "--engine", "torch"]
+    good = index.read_bytes()
+    header, body = _split(good)
+    assert header["model_config"]["image_sizes"] == [64]
+    capsys.readouterr()
+    # the issue's edit: [64] -> [65] in place; a search by image then scored the image itself 0.948
+    index.write_bytes(good.replace(b'"image_sizes": [64]', b'"image_sizes": [65]'))
+    assert main(query) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {index} is corrupt: its checksum does not match") and err.count("\n") == 1
+    # the same edit with a checksum to match (another remap, or on purpose): the rebuilt model is not the recorded one
+    edited = {**header, "model_config": {**header["model_config"], "image_sizes": [65]}}
+    index.write_bytes(_join(edited, body, rehash="v4"))
+    assert main(query) == 2
+    err = capsys.readouterr().err
+    assert f"{index} records model digest {header['model_digest']}, but its model config gives" in err
+    assert "rebuild the index" in err
+    index.write_bytes(_join({**header, "weights_fingerprint": None}, body, rehash="v4"))
+    assert main(query) == 2
+    assert "records no weights fingerprint" in capsys.readouterr().err
+    index.write_bytes(good)
+    assert main(query) == 0
+    hit = capsys.readouterr().out.splitlines()[1].split()
+    assert hit[2].endswith("coffee.png") and float(hit[1]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_index_build_refuses_to_overwrite_its_input_or_a_file_that_is_not_an_index(tmp_path, capsys):
+    desc, out = _small_index(tmp_path)
+    inputs = {p.name: p.read_bytes() for p in desc.iterdir()}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    capsys.readouterr()
+    for target, force in ((desc / "descriptors.npy", []), (desc / "descriptors.npy", ["--force"]),
+                          (desc / "manifest.json", ["--force"])):
+        assert main(["index", "build", str(desc), "-o", str(target), "-q"] + force) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: -o {target} is an input of the index; write the index to another file\n"
+    assert main(["index", "build", str(desc), "-o", str(notes), "-q"]) == 2
+    assert f"error: -o {notes} exists and is not a remap index" in capsys.readouterr().err
+    assert notes.read_text() == "my notes\n"
+    assert {p.name: p.read_bytes() for p in desc.iterdir()} == inputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["desc", "i.remap", "notes.txt"]  # no temporary files
+    assert main(["index", "build", str(desc), "-o", str(notes), "-q", "--force"]) == 0  # asked for
+    assert len(RetrievalIndex.load(notes)) == 50
+    out.write_bytes(out.read_bytes()[:100])  # an existing index, even a damaged one, is rebuilt in place
+    assert main(["index", "build", str(desc), "-o", str(out), "-q"]) == 0
+    assert len(RetrievalIndex.load(out)) == 50
+
+
+def test_descriptors_overwritten_by_an_index_get_a_message_not_numpy_advice(tmp_path, capsys):
+    """After such an accident: a message naming the file and what to do, never numpy's "allow_pickle" advice."""
+    desc, out = _small_index(tmp_path)
+    (desc / "descriptors.npy").write_bytes(out.read_bytes())
+    capsys.readouterr()
+    for argv in (["index", "build", str(desc), "-o", str(tmp_path / "new.remap"), "-q"],
+                 ["index", "add", str(out), str(desc)],
+                 ["index", "search", str(out), "--descriptors", str(desc)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {desc / 'descriptors.npy'} is not a plain numpy array"), argv
+        assert "rerun the same `remap extract` command" in err and "pickle" not in err, argv
+
+
+def test_adding_images_already_in_the_index_is_refused(tmp_path, capsys):
+    desc, out = _small_index(tmp_path)
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(["index", "add", str(out), str(desc)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: 50 of the 50 images of {desc} are already in {out} (e.g. photos/0.jpg); "
+                          "nothing was added")
+    assert "rebuild the index" in err and out.read_bytes() == before
+    more = _extraction_folder(tmp_path / "more", _unit(15, 16, 21),
+                              [f"photos/./{i}.jpg" for i in range(10)] + [f"new/{i}.jpg" for i in range(5)])
+    assert main(["index", "add", str(out), str(more)]) == 2
+    assert "10 of the 15 images" in capsys.readouterr().err and out.read_bytes() == before
+    new = _extraction_folder(tmp_path / "new", _unit(5, 16, 22), [f"new/{i}.jpg" for i in range(5)])
+    assert main(["index", "add", str(out), str(new)]) == 0
+    assert "added 5 images; 55 in" in capsys.readouterr().out
+    assert len(RetrievalIndex.load(out)) == 55
+
+
+def test_an_interrupted_index_build_does_not_promise_to_resume(tmp_path, monkeypatch, capsys):
+    import remap_lib.cli as cli
+
+    desc = _extraction_folder(tmp_path / "desc", _unit(20, 16, 23))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RetrievalIndex, "build", classmethod(interrupted))
+    assert main(["index", "build", str(desc), "-o", str(tmp_path / "i.remap"), "-q"]) == 130
+    err = capsys.readouterr().err
+    assert err == ("error: interrupted; the index was not written (a build does not resume); run the same "
+                   "command again to build it\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["desc"]
+    monkeypatch.setattr(cli, "cmd_extract", interrupted)  # a command that does resume keeps its message
+    assert main(["extract", str(desc), "-o", str(tmp_path / "out")]) == 130
+    assert "finished work is on disk, run the same command again to resume" in capsys.readouterr().err
+
+
+def test_a_failed_write_names_the_index_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    import os
+
+    desc, out = _small_index(tmp_path)
+    before, listing = out.read_bytes(), sorted(os.listdir(tmp_path))
+    index = RetrievalIndex.load(out)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full_disk)
+        with pytest.raises(OSError, match="No space left on device") as caught:
+            index.save(out)
+        assert str(caught.value) == f"cannot write the index {out}: No space left on device; nothing was replaced"
+        assert caught.value.errno == 28
+        capsys.readouterr()
+        assert main(["index", "build", str(desc), "-o", str(tmp_path / "new.remap"), "-q"]) == 2
+        assert capsys.readouterr().err == (f"error: cannot write the index {tmp_path / 'new.remap'}: No space left "
+                                           "on device; nothing was replaced\n")
+    with monkeypatch.context() as m:  # faiss's own message says neither which file nor why
+        m.setattr(faiss, "write_index", lambda *a: (_ for _ in ()).throw(RuntimeError(
+            "Error in faiss::FileIOWriter::operator()(const void *, size_t, size_t) at io.cpp:98: Error: "
+            "'ret == (nitems)' failed: write error in /tmp/x: 32000 requested and 25568 written")))
+        with pytest.raises(OSError, match=f"cannot write the index {out}: .*32000 requested and 25568 written"):
+            index.save(out)
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == listing
+
+
+def test_a_254_byte_output_name_is_built(tmp_path, capsys):
+    desc = _extraction_folder(tmp_path / "desc", _unit(300, 16, 24))
+    long = tmp_path / ("i" * 248 + ".remap")
+    assert len(long.name.encode()) == 254
+    assert main(["index", "build", str(desc), "-o", str(long), "-q"]) == 0
+    assert len(RetrievalIndex.load(long)) == 300
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["desc", long.name]
+    # on disk, NAME.ivfdata cannot exist beside it: refused before the build, not after
+    other = tmp_path / ("j" * 248 + ".remap")
+    capsys.readouterr()
+    assert main(["index", "build", str(desc), "-o", str(other), "-q", "--factory", "IVF4,Flat", "--on-disk",
+                 "--train-size", "300"]) == 2
+    assert "too long a name for an on-disk index" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["desc", long.name]
+
+
+def test_model_mismatch_messages_fit_the_caller():
+    index = RetrievalIndex(8, "Flat", ModelConfig(head="rmac", levels=3).to_dict(), weights_fingerprint="a" * 16)
+    other = ModelConfig(head="rmac", levels=4).to_dict()
+    with pytest.raises(ModelMismatchError, match=r"^the query model \(digest"):
+        index.check_model(other)
+    with pytest.raises(ModelMismatchError, match=r"^these descriptors were made by another model than the index's"):
+        index.check_model(other, role="add")
+    same = ModelConfig(head="rmac", levels=3).to_dict()
+    with pytest.raises(ModelMismatchError, match="^these descriptors were made with the index's model config but "
+                                                 "other weights"):
+        index.check_model(same, "b" * 16, role="add")
+    with pytest.raises(ModelMismatchError, match="; these descriptors are bf16$"):
+        index.check_model(same, "a" * 16, "bf16", role="add")
+
+
+def test_qe_alpha_must_be_a_finite_number_not_below_0(capsys):
+    db, q = _unit(10, 4, 25), _unit(1, 4, 26)
+    for alpha in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="alpha must be a finite number, 0 or more"):
+            alpha_query_expansion(q, db, k=2, alpha=alpha)
+    for bad in ("nan", "-1", "inf", "x"):
+        with pytest.raises(SystemExit) as caught:
+            main(["index", "search", "i.remap", "--descriptors", "d", "--qe", "2", "--qe-alpha", bad])
+        assert caught.value.code == 2
+        assert f"argument --qe-alpha: '{bad}' must be a finite number, 0 or more" in capsys.readouterr().err

@@ -177,6 +177,19 @@ def test_klw_file_with_non_finite_or_negative_weights_is_refused(tmp_path, bad):
         KLWeights.load(path)
 
 
+def test_a_file_that_is_not_klw_json_is_named_as_such(tmp_path):
+    """A checkpoint given as --klw gave "'utf-8' codec can't decode ..." without the file's name (issue 25)."""
+    torch.save({"format": "remap-checkpoint-v1"}, tmp_path / "model.pt")
+    (tmp_path / "cut.json").write_text('{"format": "remap-klw-v1", "weights": {')
+    (tmp_path / "other.json").write_text('{"format": "remap-extraction-v2"}')
+    for name, detail in (("model.pt", "binary, not JSON text"), ("cut.json", "invalid JSON at line 1"),
+                         ("other.json", "")):
+        with pytest.raises(ValueError) as err:
+            KLWeights.load(tmp_path / name)
+        assert str(err.value).startswith(f"{tmp_path / name} is not a KL-weights JSON file written by `remap klw`")
+        assert detail in str(err.value) and "codec" not in str(err.value)
+
+
 def test_klw_weights_that_are_not_finite_do_not_reach_the_model(lite0):
     model = RetrievalModel(ModelConfig(head="remap", levels=2), backbone=lite0)
     klw = KLWeights({"head": np.full(8, np.nan, np.float32), "block15": np.ones(8, np.float32)},

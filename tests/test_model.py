@@ -147,6 +147,38 @@ def test_config_round_trip_and_digest(tmp_path):
         ModelConfig.from_dict({"hed": "mac"})
 
 
+def test_a_checkpoint_that_is_not_plain_data_is_refused_in_one_line_without_unsafe_advice(tmp_path):
+    """torch's own text advises re-running with weights_only=False (running the file's code): never passed on."""
+    import argparse
+
+    torch.save({"format": "remap-checkpoint-v1", "args": argparse.Namespace(a=1)}, tmp_path / "object.pt")
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04" + b"\0" * 40)
+    for name in ("object.pt", "truncated.pt"):
+        with pytest.raises(ValueError) as err:
+            RetrievalModel.load(tmp_path / name)
+        message = str(err.value)
+        assert name in message and "not a remap checkpoint, or a damaged one" in message
+        assert "weights_only" not in message and "\n" not in message
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):  # the OS's own message names the file
+        RetrievalModel.load(tmp_path / "nowhere.pt")
+
+
+@pytest.mark.parametrize("text, where", [("head: gem\nlevels: [2, 3\ngem_p: 3\n", "line 3"),
+                                         ("head: gem\ngem_p: !!python/object/apply:os.getpid []\n", "line 2")])
+def test_a_yaml_config_that_is_not_plain_yaml_names_the_file_and_line(tmp_path, text, where):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError) as err:
+        ModelConfig.load(tmp_path / "c.yaml")
+    assert str(err.value).startswith(f"{tmp_path / 'c.yaml'}, {where}: not valid YAML")
+    assert "\n" not in str(err.value)
+    (tmp_path / "c.json").write_text('{"head": "gem",')
+    with pytest.raises(ValueError, match=r"c\.json: not a JSON model config"):
+        ModelConfig.load(tmp_path / "c.json")
+    (tmp_path / "kind.yaml").write_text("levels: [4]\n")  # a comparison of a list with 1: TypeError, named here
+    with pytest.raises(ValueError, match=r"kind\.yaml: "):
+        ModelConfig.load(tmp_path / "kind.yaml")
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(random_lite0):
     model = RetrievalModel(ModelConfig(head="remap", levels=2), backbone=random_lite0)
     x = torch.rand(1, 3, 64, 64)

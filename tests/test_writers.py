@@ -304,3 +304,108 @@ def test_two_concurrent_runs_the_second_is_refused(tmp_path, photo_dir, lite0):
     model = RetrievalModel(ModelConfig(head="mac", image_sizes=[320], upscale=True), backbone=lite0)
     ref = _extract(model, got.paths[:5], None)
     assert np.allclose(got.descriptors[:5], ref.descriptors, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- issue 25: names and final writes
+def _non_utf8_folder(tmp_path: Path, photo_dir: Path) -> tuple[Path, list[str], str]:
+    """A folder with names that are not valid UTF-8 or that hold line breaks JSON leaves as they are."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    good = [b"caf\xe9.png", b"\xff\xfe.png", "line\u2028sep.png".encode(), "nel\x85.png".encode(), b"plain.png"]
+    try:
+        for name in good:
+            shutil.copy(photo_dir / "chelsea.png", os.path.join(os.fsencode(folder), name))
+        bad = os.path.join(os.fsencode(folder), b"bad\xe9.png")
+        Path(os.fsdecode(bad)).write_bytes(b"corrupt")
+    except OSError as exc:
+        pytest.skip(f"this file system refuses non-UTF-8 names ({exc})")
+    return folder, sorted(os.fsdecode(os.path.join(os.fsencode(folder), n)) for n in good), os.fsdecode(bad)
+
+
+def test_a_folder_with_a_non_utf8_name_finishes_and_reruns_to_the_same_result(tmp_path, photo_dir, mac_model):
+    """Item 7: a name whose bytes are not UTF-8 failed every extraction of its folder at the very end."""
+    folder, names, bad = _non_utf8_folder(tmp_path, photo_dir)
+    out = tmp_path / "out"
+    res = _extract(mac_model, folder, out, save_every=2)
+    assert res.paths == names and [p for p, _ in res.failed] == [bad]
+    loaded = load_descriptors(out)
+    assert loaded.paths == names and loaded.failed == res.failed
+    assert np.array_equal(loaded.descriptors, res.descriptors)
+    assert all(os.path.isfile(p) for p in loaded.paths)  # each name still opens its file
+    assert "\\udce9" in (out / "paths.jsonl").read_text(encoding="utf-8")  # valid UTF-8 on disk
+
+    calls = {"n": 0}
+    original = mac_model.multiscale
+
+    def counting(x):
+        calls["n"] += len(x[0])
+        return original(x)
+
+    mac_model.multiscale = counting
+    try:
+        again = _extract(mac_model, folder, out, save_every=2)
+    finally:
+        del mac_model.multiscale
+    assert calls["n"] == 0  # every image found in the parts
+    assert again.paths == names and again.failed == res.failed
+    assert np.array_equal(load_descriptors(out).descriptors, res.descriptors)
+
+
+def test_an_index_of_non_utf8_names_is_built_and_keeps_them(tmp_path, photo_dir, mac_model):
+    from remap_lib.index import RetrievalIndex
+
+    folder, names, _ = _non_utf8_folder(tmp_path, photo_dir)
+    _extract(mac_model, folder, tmp_path / "out")
+    assert main(["index", "build", str(tmp_path / "out"), "-o", str(tmp_path / "i.remap")]) == 0
+    assert list(RetrievalIndex.load(tmp_path / "i.remap").paths) == names
+
+
+def test_temporary_names_stay_within_the_file_name_limit(tmp_path, photo_dir, mac_model):
+    """Item 8b: a temporary name is the final name plus a few bytes; past 255 bytes it is a short hash."""
+    from remap_lib.extract import _atomic_write, _temp_path
+
+    assert _temp_path(tmp_path / "manifest.json") == tmp_path / ".manifest.json.tmp"
+    long_name = "n" * 254
+    tmp = _temp_path(tmp_path / long_name)
+    assert tmp.parent == tmp_path and len(tmp.name) == 21 and tmp.name.startswith(".") and tmp.name.endswith(".tmp")
+    assert _temp_path(tmp_path / long_name) == tmp != _temp_path(tmp_path / ("m" * 254))  # stable, distinct
+    _atomic_write(tmp_path / long_name, b"finished")
+    assert (tmp_path / long_name).read_bytes() == b"finished"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [long_name]
+
+    out = tmp_path / ("d" * 255)  # the longest folder name: the files inside keep their short names
+    full = _extract(mac_model, photo_dir, out)
+    assert load_descriptors(out).paths == full.paths and len(full.paths) == 6
+
+
+def test_a_failed_write_names_its_file_and_leaves_no_temporary(tmp_path, photo_dir, mac_model, monkeypatch):
+    """A write that fails midway (disk full) said only "[Errno 28] No space left on device"."""
+    import errno
+    import re
+
+    out = tmp_path / "out"
+    real_savez = np.savez
+
+    def disk_full(file, **arrays):
+        Path(file).write_bytes(b"PK half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match=r"cannot write .*part-000000000-000000001\.npz: No space left on device"):
+        _extract(mac_model, photo_dir, out, save_every=2)
+    assert list((out / "parts").iterdir()) == []
+    monkeypatch.setattr(np, "savez", real_savez)
+
+    real_replace = os.replace
+
+    def read_only(src, dst):
+        if Path(dst).name == "paths.jsonl":
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(OSError, match=re.escape(f"cannot write {out / 'paths.jsonl'}: Read-only file system")) as info:
+        _extract(mac_model, photo_dir, out, save_every=2)
+    assert info.value.errno == errno.EROFS
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "descriptors.npy", "extraction.json", "parts"]
+    assert len(list((out / "parts").glob("part-*.npz"))) == 3  # the finished work is kept
