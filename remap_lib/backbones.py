@@ -219,7 +219,9 @@ def _read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip, ...
-        raise WeightsUnavailableError(f"cannot read weight file {path!r}: {exc}") from exc
+        # torch's own text ends by advising weights_only=False, which would run the file's code: never pass it on
+        raise WeightsUnavailableError(f"cannot read weight file {path!r}: not a torch state dict, or a damaged one "
+                                      f"({type(exc).__name__})") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -255,7 +255,7 @@ def _input_images(args):
             raise ValueError(f"give image paths or --list {args.list}, not both")
         if not os.path.isfile(args.list):
             raise FileNotFoundError(f"--list {args.list}: no such file")
-        with open(args.list) as f:
+        with open(args.list, encoding="utf-8", errors="surrogateescape") as f:  # any name the file system allows
             images = [line.rstrip("\n") for line in f if line.strip()]
         if not images:
             raise ValueError(f"--list {args.list} names no images")
@@ -895,6 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 are printed as their bytes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "extract" and not args.images and not args.list:

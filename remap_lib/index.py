@@ -281,7 +281,7 @@ class PathTable(Sequence):
 
     @classmethod
     def from_list(cls, paths) -> "PathTable":
-        return cls.from_jsonl("".join(json.dumps(str(p), ensure_ascii=False) + "\n" for p in paths).encode())
+        return cls.from_jsonl("".join(json.dumps(str(p), ensure_ascii=False) + "\n" for p in paths).encode("utf-8", "backslashreplace"))
 
     @classmethod
     def map(cls, path: Path, offset: int, nbytes: int) -> "PathTable":
