@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .extraction_files import FORMAT, check_output_folder, load_npy, read_manifest
+from .extraction_files import FORMAT, check_output_folder, load_npy, read_manifest, temp_path as _temp_path
 from .images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, OTHER_IMAGE_EXTENSIONS, ImageLoadError, ImageSpec,
                      list_images, load_spec, pixels_to_tensor, resize_longer_side, to_pixels)
 from .model import RetrievalModel
@@ -253,19 +253,6 @@ def _batches(loader: Iterable, batch_size: int):
 
 
 # ---------------------------------------------------------------------- files
-def _temp_path(path: Path, suffix: str = ".tmp") -> Path:
-    """A hidden temporary name next to ``path``, never longer than ``path``'s own name allows.
-
-    ``.NAME.tmp`` while that fits in 255 bytes; a longer name (a valid -o of
-    251 to 255 bytes) gets ``.<16 hex of its hash>.tmp`` so that the finished
-    file is never lost to a temporary name the file system refuses.
-    """
-    name = f".{path.name}{suffix}"
-    if len(os.fsencode(name)) > 255:
-        name = f".{hashlib.sha1(os.fsencode(path.name)).hexdigest()[:16]}{suffix}"
-    return path.with_name(name)
-
-
 @contextlib.contextmanager
 def _writing(target: Path, tmp: Path):
     """Remove ``tmp`` if writing it fails, and name ``target`` in the error.

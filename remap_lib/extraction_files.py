@@ -9,11 +9,12 @@ before it builds a model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
-__all__ = ["FORMAT", "check_output_folder", "load_npy", "read_manifest"]
+__all__ = ["FORMAT", "check_output_folder", "load_npy", "read_manifest", "temp_path"]
 
 FORMAT = "remap-extraction-v2"
 
@@ -53,3 +54,19 @@ def load_npy(path, mmap_mode=None):
     except ValueError:
         raise ValueError(f"{path} is not a plain numpy array (another file was written over it, or it is "
                          "damaged); rerun the same `remap extract` command to rebuild it") from None
+
+
+def temp_path(path: Path, suffix: str = ".tmp") -> Path:
+    """A hidden temporary name next to ``path``, never longer than ``path``'s own name allows.
+
+    ``.NAME<suffix>`` while that fits in 255 bytes; a longer name (a valid -o of
+    251 to 255 bytes) gets ``.<16 hex of its hash><suffix>``, so that a finished
+    file or index is never lost to a temporary name the file system refuses.
+    The name is the same at every run, so a run replaces what a killed one left.
+    Used by every writer of extraction folders and index files.
+    """
+    path = Path(path)
+    name = f".{path.name}{suffix}"
+    if len(os.fsencode(name)) > 255:
+        name = f".{hashlib.sha1(os.fsencode(path.name)).hexdigest()[:16]}{suffix}"
+    return path.with_name(name)

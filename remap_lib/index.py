@@ -72,7 +72,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .extraction_files import FORMAT as EXTRACTION_FORMAT, load_npy, read_manifest  # the folder of `remap extract`
+from .extraction_files import FORMAT as EXTRACTION_FORMAT, load_npy, read_manifest, temp_path  # the folder of `remap extract`
 
 __all__ = ["DescriptorSource", "IndexFileError", "ModelMismatchError", "PathTable", "RetrievalIndex",
            "check_index_output", "gpu_available", "is_index_file", "sampled_sha256", "synthetic_distractors",
@@ -182,19 +182,6 @@ def _canonical_header(header: dict) -> bytes:
     """
     fields = {key: value for key, value in header.items() if key != "sha256"}
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _temp_path(path: Path, kind: str) -> Path:
-    """A short hidden name beside ``path`` for a file being written: ``.<name, 32 bytes at most>~<8 hex>.<kind>``.
-
-    ``path``'s own name may already be as long as the file system allows
-    (255 bytes), so ``path.name + ".tmp"`` would fail, after the whole build.
-    The hex digits (of the full name) keep two outputs with a common start
-    apart; the name is the same at every run, so a run replaces what a killed
-    one left behind.
-    """
-    raw = os.fsencode(path.name)
-    return path.with_name(f".{raw[:32].decode('utf-8', 'ignore')}~{hashlib.sha256(raw).hexdigest()[:8]}.{kind}")
 
 
 def _name_max(folder: Path) -> int:
@@ -898,7 +885,7 @@ class RetrievalIndex:
         t = time.perf_counter()
         if not index.index.is_trained:
             index.train(source.sample(train_size, seed), use_gpu=use_gpu)
-        work, data_tmp = _temp_path(path, "build"), _temp_path(path, "ivfdata.tmp")
+        work, data_tmp = temp_path(path, ".build"), temp_path(path, ".ivfdata.tmp")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         try:
@@ -1041,7 +1028,7 @@ class RetrievalIndex:
         if self.on_disk and (self._file is None or path.resolve() != self._file.resolve()):
             raise ValueError(f"an on-disk index is saved only where it was built ({self._file}); to move it, "
                              f"move {self._file} and {self.ivfdata['file']} together")
-        tmp = _temp_path(path, "faiss.tmp")
+        tmp = temp_path(path, ".faiss.tmp")
         try:
             with _writing(path):
                 faiss.write_index(self.index, str(tmp))  # streamed to disk, no copy in memory
@@ -1066,7 +1053,7 @@ class RetrievalIndex:
 
         The checksum covers the header (:func:`_canonical_header`), then the
         payload and the paths.  The file is written under a short temporary
-        name (:func:`_temp_path`), then renamed over ``path``.
+        name (:func:`~remap_lib.extraction_files.temp_path`), then renamed over ``path``.
         """
         table = self.paths if isinstance(self.paths, PathTable) else PathTable.from_list(self.paths)
         paths = table.packed()
@@ -1082,7 +1069,7 @@ class RetrievalIndex:
             digest.update(part)
         header["sha256"] = digest.hexdigest()
         head = json.dumps(header).encode()
-        tmp = _temp_path(path, "tmp")
+        tmp = temp_path(path, ".tmp")
         try:
             with _writing(path, left):
                 with open(tmp, "wb") as f:

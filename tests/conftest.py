@@ -39,3 +39,28 @@ def lite0():
     from remap_lib.backbones import build_backbone
 
     return build_backbone("efficientnet_lite0")
+
+
+@pytest.fixture
+def write_collection(photo_dir):
+    """``write(folder, n, longer_side=None)``: ``n`` distinct images, crops of the six photos at varied offsets
+    and sizes (optionally resized back to ``longer_side``), for runs long enough to kill, limit or race."""
+    import numpy as np
+
+    def write(folder: Path, n: int, longer_side: int | None = None) -> Path:
+        folder.mkdir()
+        photos = [Image.open(p).convert("RGB") for p in sorted(photo_dir.glob("*.png"))]
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            img = photos[i % len(photos)]
+            w, h = img.size
+            cw, ch = int(rng.integers(3 * w // 4, w + 1)), int(rng.integers(3 * h // 4, h + 1))
+            x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            crop = img.crop((x, y, x + cw, y + ch))
+            if longer_side:
+                scale = longer_side / max(cw, ch)
+                crop = crop.resize((round(cw * scale), round(ch * scale)))
+            crop.save(folder / f"img{i:03d}.png")
+        return folder
+
+    return write

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from remap_lib.cli import main
 from remap_lib.config import PAPER_MULTISCALE, ModelConfig
@@ -200,21 +199,6 @@ def _run_bounded(cmd, timeout: float = 120):
     return proc.returncode, out, err
 
 
-def _collection(folder: Path, photo_dir: Path, n: int) -> Path:
-    """``n`` distinct 128 px images: crops of the six photos, resized back to 128 px on the longer side."""
-    folder.mkdir()
-    photos = [Image.open(p).convert("RGB") for p in sorted(photo_dir.glob("*.png"))]
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        img = photos[i % len(photos)]
-        w, h = img.size
-        cw, ch = int(rng.integers(3 * w // 4, w + 1)), int(rng.integers(3 * h // 4, h + 1))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        scale = 128 / max(cw, ch)
-        img.crop((x, y, x + cw, y + ch)).resize((round(cw * scale), round(ch * scale))).save(folder / f"img{i:03d}.png")
-    return folder
-
-
 def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -244,12 +228,12 @@ def test_workers_without_shared_memory_hand_images_over_through_a_pipe(tmp_path,
     assert np.array_equal(got.descriptors, expected.descriptors)
 
 
-def test_the_issue_run_ends_with_one_error_naming_the_file_and_keeps_the_parts(tmp_path, photo_dir):
+def test_the_issue_run_ends_with_one_error_naming_the_file_and_keeps_the_parts(tmp_path, write_collection):
     """Item 6 as reported: 30 images, ``ulimit -f 100``, ``--save-every 5``, workers.  The images are
     described (parts of 5 fit under the limit), then ``descriptors.npy`` (150 kB) does not: exit 2 with
     one error line that names it, the six parts kept, no temporary left; without the limit the same
     command finishes from the parts."""
-    folder = _collection(tmp_path / "photos", photo_dir, 30)
+    folder = write_collection(tmp_path / "photos", 30, longer_side=128)
     out = tmp_path / "out"
     cmd = CLI + ["extract", str(folder), "-o", str(out), "--save-every", "5", "--workers", "2"] + MAC_128
     t = time.perf_counter()
@@ -270,11 +254,11 @@ def test_the_issue_run_ends_with_one_error_naming_the_file_and_keeps_the_parts(t
     assert load_descriptors(out).paths == sorted(str(p) for p in folder.glob("*.png"))
 
 
-def test_a_killed_worker_ends_the_run_with_one_error_and_keeps_the_parts(tmp_path, photo_dir):
+def test_a_killed_worker_ends_the_run_with_one_error_and_keeps_the_parts(tmp_path, write_collection):
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
     if not children.exists():
         pytest.skip("needs /proc/PID/task/PID/children (Linux)")
-    folder = _collection(tmp_path / "photos", photo_dir, 60)
+    folder = write_collection(tmp_path / "photos", 60, longer_side=128)
     out = tmp_path / "out"
     cmd = CLI + ["extract", str(folder), "-o", str(out), "--save-every", "5", "--batch-size", "1",
                  "--workers", "2"] + MAC_128

@@ -6,6 +6,7 @@ with the torch engine at 64 px so that they stay a few seconds each.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from remap_lib.cli import main
 from remap_lib.config import ModelConfig
@@ -175,6 +175,23 @@ def test_a_kill_between_the_final_files_is_detected_and_repaired(tmp_path, photo
         load_descriptors(out)
 
 
+@contextlib.contextmanager
+def _counting_described(model):
+    """Counts the images ``model`` describes while the block runs (``calls["n"]``)."""
+    calls = {"n": 0}
+    original = model.multiscale
+
+    def counting(x):
+        calls["n"] += len(x[0])
+        return original(x)
+
+    model.multiscale = counting
+    try:
+        yield calls
+    finally:
+        del model.multiscale
+
+
 def test_parts_are_named_by_range_and_a_deleted_part_is_recomputed_alone(tmp_path, photo_dir, mac_model):
     out = tmp_path / "out"
     full = _extract(mac_model, photo_dir, out, save_every=2)
@@ -182,22 +199,12 @@ def test_parts_are_named_by_range_and_a_deleted_part_is_recomputed_alone(tmp_pat
     assert parts == ["part-000000000-000000001.npz", "part-000000002-000000003.npz",
                      "part-000000004-000000005.npz"]
     (out / "parts" / parts[1]).unlink()
-    calls = {"n": 0}
-    original = mac_model.multiscale
-
-    def counting(x):
-        calls["n"] += len(x[0])
-        return original(x)
-
-    mac_model.multiscale = counting
-    try:
+    with _counting_described(mac_model) as calls:
         res = _extract(mac_model, photo_dir, out, save_every=2, batch_size=1)
         assert calls["n"] == 2  # exactly the two images of the deleted part
         assert sorted(p.name for p in (out / "parts").glob("part-*.npz")) == parts
         res2 = _extract(mac_model, photo_dir, out, save_every=2, batch_size=1)
         assert calls["n"] == 2  # converged: nothing left to do
-    finally:
-        del mac_model.multiscale
     assert res.paths == res2.paths == full.paths
     assert np.allclose(res.descriptors, full.descriptors, atol=1e-6)
 
@@ -238,27 +245,13 @@ def test_broken_symlinks_are_listed_as_failed(tmp_path, photo_dir, mac_model):
 
 
 # ---------------------------------------------------------------------- kill test and concurrent runs
-def _write_collection(folder: Path, photo_dir: Path, n: int = 200) -> None:
-    """``n`` distinct small images: crops of the six photos at varied offsets and sizes."""
-    folder.mkdir()
-    photos = [Image.open(p).convert("RGB") for p in sorted(photo_dir.glob("*.png"))]
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        img = photos[i % len(photos)]
-        w, h = img.size
-        cw, ch = int(rng.integers(3 * w // 4, w + 1)), int(rng.integers(3 * h // 4, h + 1))
-        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        img.crop((x, y, x + cw, y + ch)).save(folder / f"img{i:03d}.png")
-
-
 def _extract_cmd(folder, out):
     return CLI + ["extract", str(folder), "-o", str(out), "--save-every", "7", "--batch-size", "4"] + FAST
 
 
 @pytest.mark.slow
-def test_killed_extraction_reruns_to_the_uninterrupted_result(tmp_path, photo_dir):
-    folder = tmp_path / "photos"
-    _write_collection(folder, photo_dir)
+def test_killed_extraction_reruns_to_the_uninterrupted_result(tmp_path, write_collection):
+    folder = write_collection(tmp_path / "photos", 200)
     ref = tmp_path / "ref"
     t = time.perf_counter()
     subprocess.run(_extract_cmd(folder, ref), check=True, env=_env(), capture_output=True)
@@ -282,9 +275,8 @@ def test_killed_extraction_reruns_to_the_uninterrupted_result(tmp_path, photo_di
 
 
 @pytest.mark.slow
-def test_two_concurrent_runs_the_second_is_refused(tmp_path, photo_dir, lite0):
-    folder = tmp_path / "photos"
-    _write_collection(folder, photo_dir, 120)
+def test_two_concurrent_runs_the_second_is_refused(tmp_path, write_collection, lite0):
+    folder = write_collection(tmp_path / "photos", 120)
     out = tmp_path / "out"
     slow = ["--image-size", "320", "--upscale"]  # a first run long enough for the second to meet it
     first = subprocess.Popen(_extract_cmd(folder, out) + slow, env=_env(), stdout=subprocess.PIPE,
@@ -334,18 +326,8 @@ def test_a_folder_with_a_non_utf8_name_finishes_and_reruns_to_the_same_result(tm
     assert all(os.path.isfile(p) for p in loaded.paths)  # each name still opens its file
     assert "\\udce9" in (out / "paths.jsonl").read_text(encoding="utf-8")  # valid UTF-8 on disk
 
-    calls = {"n": 0}
-    original = mac_model.multiscale
-
-    def counting(x):
-        calls["n"] += len(x[0])
-        return original(x)
-
-    mac_model.multiscale = counting
-    try:
+    with _counting_described(mac_model) as calls:
         again = _extract(mac_model, folder, out, save_every=2)
-    finally:
-        del mac_model.multiscale
     assert calls["n"] == 0  # every image found in the parts
     assert again.paths == names and again.failed == res.failed
     assert np.array_equal(load_descriptors(out).descriptors, res.descriptors)
