@@ -7,7 +7,7 @@ What every experiment needs, in one place:
   has them, ``roxford5k/``, ``holidays/``, ``oxford5k/``, ``paris6k/``) plus
   the embedded demo set, each with the image size it is described at.  So the
   scripts run unchanged on the full benchmarks.
-* :class:`SharedBackbone` — :mod:`remap_lib.shared_pass` by backbone name and
+* :class:`SharedBackbone` — :mod:`remap_lib.describe.shared_pass` by backbone name and
   with :class:`Bench` objects: one backbone pass per image feeds many heads at
   once (:meth:`RetrievalModel.pool_maps`), so Tables I and II are ten heads
   over one CNN pass; pooled descriptors are cached on disk per head.
@@ -36,14 +36,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from remap_lib import shared_pass  # noqa: E402
-from remap_lib.backbones import build_backbone  # noqa: E402
+from remap_lib.describe import shared_pass  # noqa: E402
+from remap_lib.nets.backbones import build_backbone  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import (RetrievalDataset, load_dataset, load_folder_groups, load_revisited,  # noqa: E402
+from remap_lib.data.datasets import (RetrievalDataset, load_dataset, load_folder_groups, load_revisited,  # noqa: E402
                                 load_ukbench, parse_group_range, split_groups)
-from remap_lib.evaluate import describe, score  # noqa: E402
-from remap_lib.model import RetrievalModel  # noqa: E402
-from remap_lib.whitening import learn_pca_whitening  # noqa: E402
+from remap_lib.evaluation.evaluate import describe, score  # noqa: E402
+from remap_lib.describe.model import RetrievalModel  # noqa: E402
+from remap_lib.layers.whitening import learn_pca_whitening  # noqa: E402
 
 # Longer side each benchmark is described at.  Revisited/Holidays: the paper's
 # 1024 px.  UKBench: its native 320 px in ../shared/data (the full set is
@@ -161,7 +161,7 @@ def held_out_ukbench(bench: Bench, train_groups: range | str = range(100),
 
 
 class SharedBackbone(shared_pass.SharedBackbone):
-    """:class:`remap_lib.shared_pass.SharedBackbone` as the paper scripts call it: by name, with a :class:`Bench`.
+    """:class:`remap_lib.describe.shared_pass.SharedBackbone` as the paper scripts call it: by name, with a :class:`Bench`.
 
     One CNN pass per image feeds every head; :meth:`describe_many` returns
     pooled vectors per size (before whitening) and caches them per head under

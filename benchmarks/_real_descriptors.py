@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from remap_lib.config import ModelConfig
-from remap_lib.datasets import load_revisited, load_ukbench
-from remap_lib.datasets import load_demo_set
-from remap_lib.evaluate import describe
-from remap_lib.whitening import learn_pca_whitening
+from remap_lib.data.datasets import load_revisited, load_ukbench
+from remap_lib.data.datasets import load_demo_set
+from remap_lib.evaluation.evaluate import describe
+from remap_lib.layers.whitening import learn_pca_whitening
 
 
 def real_descriptors(head: str, data_root: Path, cache: Path, dim: int = 128):

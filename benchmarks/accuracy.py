@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import load_revisited, load_ukbench  # noqa: E402
-from remap_lib.evaluate import COLOUR_HISTOGRAM, evaluate, format_table  # noqa: E402
+from remap_lib.data.datasets import load_revisited, load_ukbench  # noqa: E402
+from remap_lib.evaluation.evaluate import COLOUR_HISTOGRAM, evaluate, format_table  # noqa: E402
 
 HEADS = {"MAC": "mac", "SPoC": "spoc", "GeM": "gem", "R-MAC": "rmac", "REMAP (a=1)": "remap"}
 
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
         cache = Path(args.out) / "descriptors" if args.out else None
         results += evaluate(methods, {name: dataset}, None, cache, args.device, progress=False)
     if args.out:
-        from remap_lib.evaluate import save_results
+        from remap_lib.evaluation.evaluate import save_results
 
         save_results(results, args.out)
 

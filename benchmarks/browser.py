@@ -4,7 +4,7 @@ Before, every change of the scales, layers or weighting widget described the
 whole dataset again with each head it touched: a backbone pass per head
 (``describe``).  Now the browser runs the backbone once when it is built, keeps
 the feature maps, and a change only re-pools them
-(:class:`remap_lib.shared_pass.FeatureMaps`).  This script builds the browser
+(:class:`remap_lib.describe.shared_pass.FeatureMaps`).  This script builds the browser
 on the demo set at 320 px and walks through a sequence of widget changes, each
 to a setting not seen yet (so nothing comes from the browser's cache):
 
@@ -47,12 +47,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from remap_lib.backbones import build_backbone  # noqa: E402
-from remap_lib.browser import QueryBrowser  # noqa: E402
-from remap_lib.datasets import load_dataset  # noqa: E402
-from remap_lib.evaluate import describe  # noqa: E402
-from remap_lib.klw import KLWeights  # noqa: E402
-from remap_lib.pooling import region_count  # noqa: E402
+from remap_lib.nets.backbones import build_backbone  # noqa: E402
+from remap_lib.app.browser import QueryBrowser  # noqa: E402
+from remap_lib.data.datasets import load_dataset  # noqa: E402
+from remap_lib.evaluation.evaluate import describe  # noqa: E402
+from remap_lib.training.klw import KLWeights  # noqa: E402
+from remap_lib.layers.pooling import region_count  # noqa: E402
 
 TARGET_SECONDS = 1.0
 # (label, what the browser is told); each leads to a setting not shown before.

@@ -14,7 +14,7 @@ cache, and the first call on a shape not seen before.
 End to end (``--rparis DIR``, default ``../shared/data/rparis6k`` when present):
 every rParis photo (database at 1024 px, queries cropped to their boxes: every
 shape they have) described by each engine from a cold start (export and
-compilation counted), then scored with :func:`remap_lib.evaluate.score`
+compilation counted), then scored with :func:`remap_lib.evaluation.evaluate.score`
 (Easy / Medium / Hard mAP); the demo set (640 px) likewise.  Images are decoded
 once beforehand, so the times are the model's.
 
@@ -43,14 +43,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from remap_lib import engine as E  # noqa: E402
+from remap_lib.describe import engine as E  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import load_dataset  # noqa: E402
-from remap_lib.engine import create_engine  # noqa: E402
-from remap_lib.evaluate import score  # noqa: E402
-from remap_lib.extract import scaled_sizes  # noqa: E402
-from remap_lib.images import load_spec, resize_longer_side  # noqa: E402
-from remap_lib.model import RetrievalModel  # noqa: E402
+from remap_lib.data.datasets import load_dataset  # noqa: E402
+from remap_lib.describe.engine import create_engine  # noqa: E402
+from remap_lib.evaluation.evaluate import score  # noqa: E402
+from remap_lib.describe.extract import scaled_sizes  # noqa: E402
+from remap_lib.data.images import load_spec, resize_longer_side  # noqa: E402
+from remap_lib.describe.model import RetrievalModel  # noqa: E402
 
 RUNNERS = ("torch f32", "torch channels_last", "torch bf16", "openvino f32", "openvino bf16")
 E2E_RUNNERS = ("torch f32", "openvino f32", "openvino bf16")

@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from remap_lib.backbones import build_backbone  # noqa: E402
+from remap_lib.nets.backbones import build_backbone  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.model import RetrievalModel  # noqa: E402
+from remap_lib.describe.model import RetrievalModel  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -139,14 +139,14 @@ def distributed(args) -> dict:
         _photos(work / "photos", args.images, args.size)
         common = ["extract", str(work / "photos"), "--engine", args.engine, "-q", "--workers", "0",
                   "--image-size", str(args.size)]
-        cli = [sys.executable, "-m", "remap_lib.cli"]
+        cli = [sys.executable, "-m", "remap_lib.app.cli"]
         runs = {
             "1 process, all threads": ({}, cli),
             "1 process, 1 thread": ({"OMP_NUM_THREADS": "1"}, cli),
             "2 processes (torchrun), 1 thread each": (
                 {"OMP_NUM_THREADS": "1"},
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-                 "-m", "remap_lib.cli"]),
+                 "-m", "remap_lib.app.cli"]),
         }
         rows = {}
         for k, (name, (env, cmd)) in enumerate(runs.items()):

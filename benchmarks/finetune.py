@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import load_revisited, load_ukbench, split_groups  # noqa: E402
-from remap_lib.evaluate import describe, score  # noqa: E402
-from remap_lib.klw import estimate_kl_weights  # noqa: E402
-from remap_lib.model import RetrievalModel  # noqa: E402
-from remap_lib.train import TrainConfig, Trainer  # noqa: E402
+from remap_lib.data.datasets import load_revisited, load_ukbench, split_groups  # noqa: E402
+from remap_lib.evaluation.evaluate import describe, score  # noqa: E402
+from remap_lib.training.klw import estimate_kl_weights  # noqa: E402
+from remap_lib.describe.model import RetrievalModel  # noqa: E402
+from remap_lib.training.triplet import TrainConfig, Trainer  # noqa: E402
 
 
 def _scores(model, datasets, eval_size, device):

@@ -2,7 +2,7 @@
 
 Six networks, all EfficientNet-Lite0 (ImageNet), each scored off the shelf and
 after the same fine-tuning on ``landmarks_fr`` (triplet loss, hard negatives
-from the other landmarks, :class:`remap_lib.train.Trainer`):
+from the other landmarks, :class:`remap_lib.training.triplet.Trainer`):
 
 ===============  ======  ======  =========  ==============
 row              head    layers  α init     layer weights
@@ -55,11 +55,11 @@ import torch  # noqa: E402
 
 from _paper import ROOT, Bench, SharedBackbone, find_datasets, scores_row, write_outputs  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import load_dataset, parse_group_range, split_groups  # noqa: E402
-from remap_lib.extract import select_device  # noqa: E402
-from remap_lib.klw import estimate_kl_weights  # noqa: E402
-from remap_lib.model import RetrievalModel  # noqa: E402
-from remap_lib.train import TrainConfig, Trainer, check_no_overlap  # noqa: E402
+from remap_lib.data.datasets import load_dataset, parse_group_range, split_groups  # noqa: E402
+from remap_lib.describe.extract import select_device  # noqa: E402
+from remap_lib.training.klw import estimate_kl_weights  # noqa: E402
+from remap_lib.describe.model import RetrievalModel  # noqa: E402
+from remap_lib.training.triplet import TrainConfig, Trainer, check_no_overlap  # noqa: E402
 
 # row -> (label, head, layers, alpha init, layer weights)
 ROWS = {

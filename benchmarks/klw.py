@@ -25,12 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from remap_lib.backbones import build_backbone  # noqa: E402
+from remap_lib.nets.backbones import build_backbone  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import load_revisited, load_ukbench, split_groups  # noqa: E402
-from remap_lib.evaluate import evaluate, format_table  # noqa: E402
-from remap_lib.klw import estimate_kl_weights  # noqa: E402
-from remap_lib.model import RetrievalModel  # noqa: E402
+from remap_lib.data.datasets import load_revisited, load_ukbench, split_groups  # noqa: E402
+from remap_lib.evaluation.evaluate import evaluate, format_table  # noqa: E402
+from remap_lib.training.klw import estimate_kl_weights  # noqa: E402
+from remap_lib.describe.model import RetrievalModel  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
                    "REMAP layers 1+2, KL": model([1, 2], kl=True)}
         results += evaluate(methods, {ds_name: dataset}, None, None, progress=False)
     if args.out:
-        from remap_lib.evaluate import save_results
+        from remap_lib.evaluation.evaluate import save_results
 
         save_results(results, args.out)
     print()

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _paper import ROOT, Bench, SharedBackbone, find_datasets, run_heads, write_outputs  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import load_dataset, parse_group_range, split_groups  # noqa: E402
-from remap_lib.extract import select_device  # noqa: E402
+from remap_lib.data.datasets import load_dataset, parse_group_range, split_groups  # noqa: E402
+from remap_lib.describe.extract import select_device  # noqa: E402
 
 PAIRS = {
     "head + block15 (default: capped, linear)": ["head", "block15"],

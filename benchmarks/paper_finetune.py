@@ -2,7 +2,7 @@
 
 Six networks, all EfficientNet-Lite0 (ImageNet) fine-tuned the same way with
 the triplet loss and hard negatives on UKBench objects 0–99
-(:class:`remap_lib.train.Trainer`; the FC layer initialised by PCA-whitening
+(:class:`remap_lib.training.triplet.Trainer`; the FC layer initialised by PCA-whitening
 of the training images):
 
 =====================  =======  ======  ===========  ======================
@@ -56,12 +56,12 @@ import torch  # noqa: E402
 from _paper import (Bench, SharedBackbone, disjoint_whitening, find_datasets, held_out_ukbench,  # noqa: E402
                     scores_row, write_outputs)
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.extract import select_device  # noqa: E402
-from remap_lib.datasets import split_groups  # noqa: E402
-from remap_lib.index import truncate_descriptors  # noqa: E402
-from remap_lib.klw import estimate_kl_weights  # noqa: E402
-from remap_lib.model import RetrievalModel  # noqa: E402
-from remap_lib.train import TrainConfig, Trainer  # noqa: E402
+from remap_lib.describe.extract import select_device  # noqa: E402
+from remap_lib.data.datasets import split_groups  # noqa: E402
+from remap_lib.search.index import truncate_descriptors  # noqa: E402
+from remap_lib.training.klw import estimate_kl_weights  # noqa: E402
+from remap_lib.describe.model import RetrievalModel  # noqa: E402
+from remap_lib.training.triplet import TrainConfig, Trainer  # noqa: E402
 
 # run -> (label, head, layers, alpha init, alpha trained)
 RUNS = {
@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     device = select_device(args.device)
     root = Path(args.data_root)
-    from remap_lib.datasets import load_dataset, load_ukbench, parse_group_range
+    from remap_lib.data.datasets import load_dataset, load_ukbench, parse_group_range
 
     if args.train:  # e.g. a folder of landmark groups, or a CSV of image,group
         train_set = load_dataset(args.train)
@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
     else:
         p.error(f"no training set: pass --train, or put ukbench/ under {root} (objects 0-99 are used)")
     benches = evaluation_sets(args)
-    from remap_lib.train import check_no_overlap
+    from remap_lib.training.triplet import check_no_overlap
 
     check_no_overlap(train_set, {b.name: b.dataset for b in benches})  # never evaluate on training images
     results = {name: run_one(name, args, train_set, benches, device) for name in args.runs}

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paper import (SharedBackbone, common_arguments, find_datasets, run_heads,  # noqa: E402
                     write_outputs)
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.extract import select_device  # noqa: E402
-from remap_lib.functional import rmac_regions  # noqa: E402
+from remap_lib.describe.extract import select_device  # noqa: E402
+from remap_lib.layers.functional import rmac_regions  # noqa: E402
 
 
 def main(argv=None) -> dict:

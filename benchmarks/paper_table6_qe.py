@@ -7,7 +7,7 @@ whitening learned on the *other* datasets: MAC, SPoC, GeM, R-MAC, REMAP
 With ``--finetuned DIR`` (the output folder of ``paper_finetune.py``) its
 fine-tuned R-MAC and REMAP networks are added.  Then the same with α-QE
 (k = 2, α = 3, Radenović et al.), average QE (k = 2) and DBA + α-QE
-(``remap_lib.expansion``).  One backbone pass per image feeds all off-the-shelf heads.
+(``remap_lib.search.expansion``).  One backbone pass per image feeds all off-the-shelf heads.
 
     python benchmarks/paper_table6_qe.py [--json] [--finetuned runs/paper/finetune]
 """
@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _paper import (SharedBackbone, common_arguments, disjoint_whitening, find_datasets,  # noqa: E402
                     held_out_ukbench, scores_row, write_outputs)
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.extract import select_device  # noqa: E402
-from remap_lib.expansion import (alpha_query_expansion, average_query_expansion,  # noqa: E402
+from remap_lib.describe.extract import select_device  # noqa: E402
+from remap_lib.search.expansion import (alpha_query_expansion, average_query_expansion,  # noqa: E402
                                  database_side_augmentation)
-from remap_lib.klw import estimate_kl_weights  # noqa: E402
-from remap_lib.model import RetrievalModel  # noqa: E402
+from remap_lib.training.klw import estimate_kl_weights  # noqa: E402
+from remap_lib.describe.model import RetrievalModel  # noqa: E402
 
 EXPANSIONS = {
     "": lambda q, db: (q, db),

@@ -4,11 +4,11 @@
 middle).  The landmark boxes of the *held-out* landmarks (``landmarks_fr``
 groups 19-22, never seen by ``remap train-rpn``): the box of the RANSAC
 inliers of every kept verified pair of those groups, merged per image
-(:func:`remap_lib.landmark_boxes.training_boxes`, the trainer's rule).
+(:func:`remap_lib.training.landmark_boxes.training_boxes`, the trainer's rule).
 Recall at IoU ``t`` = the fraction of these boxes that at least one region
-overlaps by IoU ≥ ``t`` (:func:`remap_lib.proposals.recall_curve`), for the
+overlaps by IoU ≥ ``t`` (:func:`remap_lib.layers.proposals.recall_curve`), for the
 RPN's top-k proposals and for the grid's regions
-(:func:`remap_lib.functional.rmac_regions`: S = 4 scales, the default R-MAC,
+(:func:`remap_lib.layers.functional.rmac_regions`: S = 4 scales, the default R-MAC,
 and every grid region S = 1..5 plus the whole map).  Everything in cells of
 the last conv map at ``--box-size`` px (the RPN's training size); the RPN's
 proposals are its float boxes (before the rounding to cells that pooling
@@ -20,7 +20,7 @@ over the RPN's top k = 8 ... 256 proposals, off the shelf (ImageNet backbone,
 the trained RPN) and, with ``--finetuned CKPT``, on a fine-tuned R-MAC
 backbone (the RPN is the same: it was trained on the ImageNet maps, so on the
 fine-tuned maps it runs off its training distribution).  One backbone pass per
-image feeds every row (:class:`remap_lib.shared_pass.SharedBackbone`: the
+image feeds every row (:class:`remap_lib.describe.shared_pass.SharedBackbone`: the
 maps are pooled once per head).  Raw descriptors (pooled, L2; no whitening),
 one scale; CPU-sized: ``--size`` 640 px by default (the paper's protocol is 1024).
 
@@ -44,15 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _paper import ROOT, SharedBackbone, combine_scales, find_datasets, scores_row, write_outputs  # noqa: E402
-from remap_lib import functional as RF  # noqa: E402
+from remap_lib.layers import functional as RF  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import load_dataset, parse_group_range, split_groups  # noqa: E402
-from remap_lib.extract import select_device  # noqa: E402
-from remap_lib.images import ImageSpec, load_spec  # noqa: E402
-from remap_lib.landmark_boxes import training_boxes  # noqa: E402
-from remap_lib.model import RetrievalModel, weights_fingerprint  # noqa: E402
-from remap_lib.proposals import recall_curve  # noqa: E402
-from remap_lib.verification import MatchSettings, load_pairs  # noqa: E402
+from remap_lib.data.datasets import load_dataset, parse_group_range, split_groups  # noqa: E402
+from remap_lib.describe.extract import select_device  # noqa: E402
+from remap_lib.data.images import ImageSpec, load_spec  # noqa: E402
+from remap_lib.training.landmark_boxes import training_boxes  # noqa: E402
+from remap_lib.describe.model import RetrievalModel, weights_fingerprint  # noqa: E402
+from remap_lib.layers.proposals import recall_curve  # noqa: E402
+from remap_lib.training.verification import MatchSettings, load_pairs  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RPN_COMMAND = "remap train-rpn --config configs/train_rpn_landmarks_cpu.yaml"

@@ -6,7 +6,7 @@ descriptor) plus synthetic distractors up to ``--n``, one million at a time:
 
 * ``--distractors gaussian`` (issue 6's set): drawn from a Gaussian with the
   real descriptors' mean and covariance, L2-normalised
-  (:func:`remap_lib.index.synthetic_distractors`).  After whitening that is
+  (:func:`remap_lib.search.index.synthetic_distractors`).  After whitening that is
   close to uniform on the sphere: every distractor is an unrelated image, and
   the exact top-10 of a query past its few true matches is the far tail of
   millions of near-orthogonal vectors (cosine ~0.45 at 10M), scattered over
@@ -77,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from remap_lib.index import EXTRACTION_FORMAT, DescriptorSource, RetrievalIndex, synthetic_distractors  # noqa: E402
+from remap_lib.search.index import EXTRACTION_FORMAT, DescriptorSource, RetrievalIndex, synthetic_distractors  # noqa: E402
 
 K = 10
 GEN_CHUNK = 1_000_000

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.train import TrainConfig, Trainer  # noqa: E402
+from remap_lib.training.triplet import TrainConfig, Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"f32": (None, False), "channels_last": (None, True), "bf16": ("bf16", False),

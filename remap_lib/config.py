@@ -61,7 +61,7 @@ class ModelConfig:
     """Everything that determines a descriptor.
 
     Attributes:
-        backbone: registry name, see :func:`remap_lib.backbones.list_backbones`.
+        backbone: registry name, see :func:`remap_lib.nets.backbones.list_backbones`.
         weights: ``"imagenet"``, a checkpoint path, or ``"random"`` (tests only).
         head: one of :data:`HEADS`.
         layers: paper layer numbers (``1`` = last conv block) or stage names;
@@ -84,7 +84,7 @@ class ModelConfig:
             stream L2-normalised, then scaled by a non-negative learnable weight
             initialised to 1.  ``"kl"``: the same, the weights initialised from
             each layer's mean KL-divergence when KL region weights are applied
-            (:meth:`remap_lib.klw.KLWeights.apply`).
+            (:meth:`remap_lib.training.klw.KLWeights.apply`).
         upscale: also enlarge images smaller than the base size.  Off by default,
             as in the standard protocol (cirtorch's ``imresize`` only shrinks): a
             query cropped to its box keeps the scale of the objects in the
@@ -93,7 +93,7 @@ class ModelConfig:
         regions: where R-MAC pools.  ``"grid"`` (default): the rigid multi-scale
             grid of ``levels`` scales.  ``"rpn"``: the top ``proposals`` boxes of a
             learned region proposal network on the (single) layer's map (Gordo et
-            al. 2016; :mod:`remap_lib.proposals`), for ``head="rmac"`` only; it is
+            al. 2016; :mod:`remap_lib.layers.proposals`), for ``head="rmac"`` only; it is
             trained by ``remap train-rpn`` and saved in the model's checkpoint.
         proposals: k, the top-k proposals pooled per image with ``regions="rpn"``
             (Gordo et al. go up to 256).

@@ -36,7 +36,7 @@ def photo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lite0():
     """EfficientNet-Lite0 with its real ImageNet weights (offline)."""
-    from remap_lib.backbones import build_backbone
+    from remap_lib.nets.backbones import build_backbone
 
     return build_backbone("efficientnet_lite0")
 

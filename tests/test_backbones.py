@@ -1,4 +1,4 @@
-"""Backbones and their layer access function (remap_lib.backbones)."""
+"""Backbones and their layer access function (remap_lib.nets.backbones)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from remap_lib.backbones import (BACKBONES, TFSameConv2d, TraceableFeatures, WeightsUnavailableError, build_backbone,
+from remap_lib.nets.backbones import (BACKBONES, TFSameConv2d, TraceableFeatures, WeightsUnavailableError, build_backbone,
                                  tf_same_conv2d)
-from remap_lib.images import load_image, resize_longer_side, to_tensor
+from remap_lib.data.images import load_image, resize_longer_side, to_tensor
 
 EGYPTIAN_CAT, TABBY, TIGER_CAT = 285, 281, 282
 

@@ -1,6 +1,6 @@
 """Command-line input (issue 17, item 11): every bad value ends with one ``error:`` line and exit code 2.
 
-Each case runs the real command in a subprocess (``python -m remap_lib.cli``)
+Each case runs the real command in a subprocess (``python -m remap_lib.app.cli``)
 and checks: exit code 2, exactly one line starting with ``error:`` that names
 the bad value, no ``Traceback``, and nothing written (the working folder's
 files, sizes and modification times are unchanged).
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from remap_lib.cli import main
+from remap_lib.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,7 +145,7 @@ CASES.update({  # model options, configs, checkpoints, klw / evaluate
 
 def _run(argv, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "remap_lib.cli"] + argv, cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "remap_lib.app.cli"] + argv, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -1,7 +1,7 @@
 """End-to-end test of the ipywidgets query browser in a real browser.
 
 JupyterLab is started on localhost, a small notebook that shows the
-:class:`~remap_lib.browser.QueryBrowser` is opened in headless Chromium (the
+:class:`~remap_lib.app.browser.QueryBrowser` is opened in headless Chromium (the
 system's ``chromium``, driven by Playwright; nothing is downloaded), run, and
 the widgets are used the way a person would: a query button is clicked and the
 "scales S" slider is moved with the keyboard.  After each step the rankings the
@@ -45,8 +45,8 @@ import warnings
 warnings.filterwarnings("ignore")
 import torch
 torch.set_num_threads({threads})
-from remap_lib.datasets import RetrievalDataset, load_dataset
-from remap_lib.browser import QueryBrowser
+from remap_lib.data.datasets import RetrievalDataset, load_dataset
+from remap_lib.app.browser import QueryBrowser
 
 def demo_subset(n_images=40, queries=(0, 2, 4, 6, 8, 10)):
     """The first n_images database images of the demo set and a few of its queries."""
@@ -298,13 +298,13 @@ def test_widget_changes_repool_the_kept_maps_without_the_backbone(photo_dir):
     import numpy as np
     import torch
 
-    from remap_lib.backbones import build_backbone
-    from remap_lib.browser import QueryBrowser
-    from remap_lib.datasets import RetrievalDataset
-    from remap_lib.evaluate import describe
-    from remap_lib.images import ImageSpec
-    from remap_lib.klw import KLWeights
-    from remap_lib.pooling import region_count
+    from remap_lib.nets.backbones import build_backbone
+    from remap_lib.app.browser import QueryBrowser
+    from remap_lib.data.datasets import RetrievalDataset
+    from remap_lib.evaluation.evaluate import describe
+    from remap_lib.data.images import ImageSpec
+    from remap_lib.training.klw import KLWeights
+    from remap_lib.layers.pooling import region_count
 
     torch.manual_seed(0)
     backbone = build_backbone("efficientnet_lite0", weights="random")

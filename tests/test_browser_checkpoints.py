@@ -4,7 +4,7 @@ A checkpoint here is a :class:`RetrievalModel` saved by the test: EfficientNet-L
 with its ImageNet weights moved by ~20 % (so its maps differ from the ImageNet
 pass), S = 3 region weights α that are not uniform, and a whitening FC; the REMAP one
 also has layer weights.  The browser must describe it exactly as
-:func:`remap_lib.evaluate.describe` describes the loaded file, and the widgets must
+:func:`remap_lib.evaluation.evaluate.describe` describes the loaded file, and the widgets must
 leave it alone.
 """
 
@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from remap_lib.browser import QueryBrowser
+from remap_lib.app.browser import QueryBrowser
 from remap_lib.config import ModelConfig
-from remap_lib.datasets import RetrievalDataset
-from remap_lib.evaluate import describe
-from remap_lib.images import ImageSpec
-from remap_lib.metrics import rank_database
-from remap_lib.model import RetrievalModel
-from remap_lib.pooling import region_count
-from remap_lib.whitening import PCAWhitening
+from remap_lib.data.datasets import RetrievalDataset
+from remap_lib.evaluation.evaluate import describe
+from remap_lib.data.images import ImageSpec
+from remap_lib.evaluation.metrics import rank_database
+from remap_lib.describe.model import RetrievalModel
+from remap_lib.layers.pooling import region_count
+from remap_lib.layers.whitening import PCAWhitening
 
 SIZE = 96
 TOP_K = 6  # the whole database: the full ranking is compared
@@ -63,7 +63,7 @@ def trained_model(imagenet, head: str, perturb: bool = True, seed: int = 1) -> R
 @pytest.fixture(scope="module")
 def batches(dataset, lite0):
     """Forward calls of one backbone pass over the dataset (one batch per run of images of one shape)."""
-    from remap_lib.shared_pass import SharedBackbone
+    from remap_lib.describe.shared_pass import SharedBackbone
 
     net = copy.deepcopy(lite0)
     calls, handle = count_passes(net)
@@ -199,7 +199,7 @@ def test_a_checkpoint_trained_at_another_size_is_shown_at_the_browser_size(datas
 
 
 def test_bad_checkpoints_are_refused_before_any_backbone_pass(dataset, lite0, tmp_path, monkeypatch):
-    from remap_lib import browser as browser_module
+    from remap_lib.app import browser as browser_module
 
     def no_pass(*_a, **_k):
         raise AssertionError("a backbone pass ran before the checkpoints were checked")
@@ -274,7 +274,7 @@ def test_a_proposals_model_is_a_third_row_with_its_own_k(dataset, lite0, batches
 
 
 def test_proposals_models_go_to_the_third_row_only(dataset, lite0, tmp_path, monkeypatch):
-    from remap_lib import browser as browser_module
+    from remap_lib.app import browser as browser_module
 
     monkeypatch.setattr(browser_module.SharedBackbone, "keep_maps",
                         lambda *_a, **_k: pytest.fail("a backbone pass ran before the checkpoints were checked"))

@@ -1,6 +1,6 @@
 """Every option of every ``remap`` command acts, or is refused (issue 25, item 2).
 
-``OPTIONS`` maps each option of :func:`remap_lib.cli.build_parser` (its
+``OPTIONS`` maps each option of :func:`remap_lib.app.cli.build_parser` (its
 ``(command, dest)``; ``"index build"`` for the nested commands, ``""`` for the
 global ones) to how it is checked:
 
@@ -37,12 +37,12 @@ import torch
 import yaml
 from PIL import Image
 
-from remap_lib import cli
-from remap_lib.cli import build_parser, main
+from remap_lib.app import cli
+from remap_lib.app.cli import build_parser, main
 from remap_lib.config import ModelConfig
-from remap_lib.klw import KLWeights
-from remap_lib.model import RetrievalModel
-from remap_lib.whitening import learn_pca_whitening
+from remap_lib.training.klw import KLWeights
+from remap_lib.describe.model import RetrievalModel
+from remap_lib.layers.whitening import learn_pca_whitening
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = "tests/test_cli_options.py"
@@ -340,7 +340,7 @@ def _called(argv, monkeypatch, owner, name: str, root: Path | None = None) -> tu
 
 def test_verbose_logs_at_info(tmp_path):
     """``-v``: INFO messages are printed (faiss's "added N vectors"); without it they are not."""
-    from remap_lib.extract import extract_descriptors
+    from remap_lib.describe.extract import extract_descriptors
 
     desc = tmp_path / "desc"
     extract_descriptors(RetrievalModel(ModelConfig(head="mac", weights="random", image_sizes=[64])),
@@ -349,10 +349,10 @@ def test_verbose_logs_at_info(tmp_path):
     runs = {}
     for flag in ([], ["-v"]):
         out = tmp_path / f"i{len(flag)}.remap"
-        runs[bool(flag)] = subprocess.run([sys.executable, "-m", "remap_lib.cli", *flag, "index", "build", str(desc),
+        runs[bool(flag)] = subprocess.run([sys.executable, "-m", "remap_lib.app.cli", *flag, "index", "build", str(desc),
                                            "-o", str(out), "-q"], env=env, capture_output=True, text=True, timeout=300)
         assert runs[bool(flag)].returncode == 0, runs[bool(flag)].stderr
-    assert "INFO remap_lib.index: added 3 vectors" in runs[True].stderr
+    assert "INFO remap_lib.search.index: added 3 vectors" in runs[True].stderr
     assert "INFO" not in runs[False].stderr
 
 
@@ -370,7 +370,7 @@ def _tiny_images(folder: Path) -> list[str]:
 
 
 def _extract_model(argv, monkeypatch, root) -> RetrievalModel:
-    from remap_lib import extract
+    from remap_lib.describe import extract
 
     args, _ = _called(["extract", f"{W}/photos", "-o", f"{W}/new", "--engine", "torch", *argv], monkeypatch,
                       extract, "extract_descriptors", root)
@@ -417,7 +417,7 @@ def test_extract_checkpoint_is_the_model_and_only_its_sizes_may_change(work, mon
 
 
 def test_extract_run_options_reach_the_extraction(work, monkeypatch, capsys, tmp_path):
-    from remap_lib import extract
+    from remap_lib.describe import extract
 
     (tmp_path / "list.txt").write_text(f"{work}/photos/coffee.png\n{work}/photos/chelsea.png\n")
     args, kwargs = _called(["extract", "--list", str(tmp_path / "list.txt"), "-o", f"{W}/new", "--weights", "random",
@@ -440,8 +440,8 @@ def test_extract_run_options_reach_the_extraction(work, monkeypatch, capsys, tmp
 
 
 def _evaluated(argv, monkeypatch, root) -> tuple[dict, dict, tuple]:
-    """``(methods, kwargs, args)`` that ``remap evaluate argv`` hands to :func:`remap_lib.evaluate.evaluate`."""
-    from remap_lib import evaluate
+    """``(methods, kwargs, args)`` that ``remap evaluate argv`` hands to :func:`remap_lib.evaluation.evaluate.evaluate`."""
+    from remap_lib.evaluation import evaluate
 
     args, kwargs = _called(["evaluate", "-d", f"{W}/groups", *argv], monkeypatch, evaluate, "evaluate", root)
     return args[0], kwargs, args
@@ -490,7 +490,7 @@ def test_evaluate_checkpoint_is_the_row_of_its_head(work, monkeypatch, capsys):
 
 def test_evaluate_whitening_whitens_the_one_head_it_was_learned_for(work, monkeypatch, capsys):
     """Issue 25: `evaluate --whitening` was refused with "use extract for checkpoints"."""
-    from remap_lib.whitening import PCAWhitening
+    from remap_lib.layers.whitening import PCAWhitening
 
     methods, _, _ = _evaluated(["-m", "gem", "colour", "--whitening", f"{W}/w.npz", "--weights", "random"],
                                monkeypatch, work)
@@ -521,7 +521,7 @@ def test_evaluate_model_options_reach_every_head(work, monkeypatch, tmp_path):
 
 
 def test_evaluate_run_options_reach_evaluate(work, monkeypatch, tmp_path):
-    from remap_lib import datasets
+    from remap_lib.data import datasets
 
     loaded = []
     real = datasets.load_dataset
@@ -545,8 +545,8 @@ KLW_FAST = ["--input-size", "128x96", "--bins", "5", "--nonmatching-ratio", "2",
 
 def test_klw_checkpoint_estimates_on_the_fine_tuned_backbone(work, capsys):
     """Issue 25: `klw --checkpoint` was ignored: a fine-tuned model silently got ImageNet KL weights."""
-    from remap_lib.datasets import load_folder_groups
-    from remap_lib.klw import estimate_kl_weights
+    from remap_lib.data.datasets import load_folder_groups
+    from remap_lib.training.klw import estimate_kl_weights
 
     out = work.parent / "klw_checkpoint.json"
     assert main(["klw", "-d", str(work / "groups"), "-o", str(out), "--checkpoint", str(work / "ck.pt"), *KLW_FAST]) == 0
@@ -570,7 +570,7 @@ def test_klw_checkpoint_estimates_on_the_fine_tuned_backbone(work, capsys):
 
 
 def test_klw_options_reach_the_estimate(work, monkeypatch, tmp_path):
-    from remap_lib import klw
+    from remap_lib.training import klw
 
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({"levels": 3, "full_map": True, "weights": "random"}))
     args, kwargs = _called(["klw", *GROUPS, "-o", f"{W}/k.json", "--groups", "0-1", "--input-size", "160x120",
@@ -593,7 +593,7 @@ def test_klw_options_reach_the_estimate(work, monkeypatch, tmp_path):
 
 
 def test_train_overrides_reach_the_training_config(work, monkeypatch, tmp_path):
-    from remap_lib import train
+    from remap_lib.training import triplet as train
 
     config = {"train": str(work / "groups"), "out_dir": str(tmp_path / "run"), "steps": 2, "device": "cpu",
               "lr": 0.05, "model": {"head": "remap", "levels": 2, "image_sizes": [64]}}
@@ -605,7 +605,7 @@ def test_train_overrides_reach_the_training_config(work, monkeypatch, tmp_path):
 
 
 def test_train_rpn_overrides_reach_the_training_config(monkeypatch, tmp_path):
-    from remap_lib import train_rpn
+    from remap_lib.training import rpn as train_rpn
 
     config = {"pairs": str(tmp_path / "pairs.csv"), "out_dir": str(tmp_path / "run"), "lr": 0.05,
               "model": {"head": "rmac", "regions": "rpn", "image_sizes": [64]}}
@@ -618,7 +618,7 @@ def test_train_rpn_overrides_reach_the_training_config(monkeypatch, tmp_path):
 
 
 def test_verify_pairs_options_reach_the_verification(work, monkeypatch, tmp_path):
-    from remap_lib import verification
+    from remap_lib.training import verification
 
     (dataset,), kwargs = _called(
         ["verify-pairs", str(work / "groups"), "-o", str(tmp_path / "p.csv"), "--pairs-per-group", "3",
@@ -646,7 +646,7 @@ def extraction(work):
 
 
 def test_index_build_options_reach_the_index(extraction, monkeypatch, tmp_path):
-    from remap_lib.index import RetrievalIndex
+    from remap_lib.search.index import RetrievalIndex
 
     (_, factory), kwargs = _called(["index", "build", str(extraction), "-o", str(tmp_path / "i.remap"), "--factory",
                                     "IVF2,Flat", "--truncate", "8", "--train-size", "50", "--nprobe", "3", "--chunk",
@@ -663,7 +663,7 @@ def test_index_add_appends_the_folders_images(work, tmp_path):
     assert main(["extract", *map(str, photos[3:]), "-o", str(tmp_path / "b"), *common]) == 0
     assert main(["index", "build", str(tmp_path / "a"), "-o", str(tmp_path / "i.remap")]) == 0
     assert main(["index", "add", str(tmp_path / "i.remap"), str(tmp_path / "b")]) == 0
-    from remap_lib.index import RetrievalIndex
+    from remap_lib.search.index import RetrievalIndex
 
     assert [Path(p).name for p in RetrievalIndex.load(tmp_path / "i.remap").paths] == [p.name for p in photos]
 
@@ -700,7 +700,7 @@ def test_index_search_options_change_the_results(extraction, tmp_path, capsys):
 
 
 def test_index_search_by_image_hands_device_and_engine_on(extraction, monkeypatch, tmp_path):
-    from remap_lib import extract
+    from remap_lib.describe import extract
 
     index = str(tmp_path / "i.remap")
     assert main(["index", "build", str(extraction), "-o", index, "-q"]) == 0
@@ -710,7 +710,7 @@ def test_index_search_by_image_hands_device_and_engine_on(extraction, monkeypatc
 
 
 def _photo(extraction) -> str:
-    from remap_lib.extract import load_descriptors
+    from remap_lib.describe.extract import load_descriptors
 
     return load_descriptors(extraction).paths[0]
 
@@ -739,7 +739,7 @@ def test_index_search_whitening_rebuilds_the_query_model(work, tmp_path, capsys)
 @pytest.mark.xfail(strict=True, reason="index search hands the index's precision to the query extraction and "
                                        "ignores --precision (cmd_index, owned by the index work): to act or be refused")
 def test_index_search_precision_acts_or_is_refused(extraction, monkeypatch, tmp_path, capsys):
-    from remap_lib import extract
+    from remap_lib.describe import extract
 
     index = str(tmp_path / "i.remap")
     assert main(["index", "build", str(extraction), "-o", index, "-q"]) == 0
@@ -756,7 +756,8 @@ def test_index_search_precision_acts_or_is_refused(extraction, monkeypatch, tmp_
 
 
 def test_small_commands_hand_their_options_on(monkeypatch, tmp_path):
-    from remap_lib import demo, demo_data, download
+    from remap_lib.app import demo
+    from remap_lib.data import demo_data, download
 
     (out,), kwargs = _called(["demo-data", "-o", str(tmp_path / "d"), "--force"], monkeypatch, demo_data,
                              "build_demo_set")
@@ -771,7 +772,7 @@ def test_small_commands_hand_their_options_on(monkeypatch, tmp_path):
 
 
 def test_notebooks_options_reach_the_runner(monkeypatch, tmp_path, capsys):
-    from remap_lib import notebooks
+    from remap_lib.app import notebooks
 
     (tmp_path / "p.yaml").write_text("quick: false\nengine: torch\n")
     (out, params), kwargs = _called(["notebooks", "-p", str(tmp_path / "p.yaml"), "-o", str(tmp_path / "nb"),

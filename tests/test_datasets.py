@@ -1,4 +1,4 @@
-"""Benchmark readers (remap_lib.datasets) on tiny synthetic layouts, and on the real data when present."""
+"""Benchmark readers (remap_lib.data.datasets) on tiny synthetic layouts, and on the real data when present."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from remap_lib.datasets import (
+from remap_lib.data.datasets import (
     ImageSpec,
     MissingImagesError,
     RetrievalDataset,
@@ -24,7 +24,7 @@ from remap_lib.datasets import (
     safe_load_pickle,
     split_groups,
 )
-from remap_lib.metrics import recall_at_k, ukbench_score
+from remap_lib.evaluation.metrics import recall_at_k, ukbench_score
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,4 +1,4 @@
-"""The embedded demo benchmark (remap_lib.demo_data)."""
+"""The embedded demo benchmark (remap_lib.data.demo_data)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from remap_lib import demo_data as D
+from remap_lib.data import demo_data as D
 from remap_lib.config import ModelConfig
-from remap_lib.datasets import load_demo_set
-from remap_lib.evaluate import COLOUR_HISTOGRAM, evaluate
+from remap_lib.data.datasets import load_demo_set
+from remap_lib.evaluation.evaluate import COLOUR_HISTOGRAM, evaluate
 
 PACKAGES = D.default_demo_dir().parent / "packages"  # shared download cache (ignored by git)
 
@@ -111,8 +111,8 @@ def test_demo_set_is_not_trivial(built):
                                                (["--engine", "torch", "--precision", "bf16"], ("torch", "bf16"))])
 def test_remap_demo_passes_engine_and_precision_to_evaluate(tmp_path, monkeypatch, options, expected):
     """`remap demo --engine/--precision` reach the backbone passes; without them the defaults as before."""
-    from remap_lib import demo
-    from remap_lib.cli import main
+    from remap_lib.app import demo
+    from remap_lib.app.cli import main
 
     class Described(Exception):
         pass
@@ -135,7 +135,7 @@ def test_remap_demo_passes_engine_and_precision_to_evaluate(tmp_path, monkeypatc
 
 
 def test_remap_demo_refuses_an_unknown_engine(capsys):
-    from remap_lib.cli import main
+    from remap_lib.app.cli import main
 
     with pytest.raises(SystemExit):
         main(["demo", "--engine", "tpu"])

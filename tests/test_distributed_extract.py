@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from remap_lib.cli import main
-from remap_lib.extract import load_descriptors, merge_extractions, shard_bounds
+from remap_lib.app.cli import main
+from remap_lib.describe.extract import load_descriptors, merge_extractions, shard_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--head", "mac", "--image-size", "64", "--engine", "torch", "-q", "--workers", "0", "--save-every", "3",
@@ -46,7 +46,7 @@ def collection(tmp_path_factory, photo_dir):
 def single(tmp_path_factory, collection):
     """One process, with the threads of the ranks (one each), so that the arithmetic is the same."""
     out = tmp_path_factory.mktemp("single") / "out"
-    subprocess.run([sys.executable, "-m", "remap_lib.cli", "extract", str(collection), "-o", str(out)] + FAST,
+    subprocess.run([sys.executable, "-m", "remap_lib.app.cli", "extract", str(collection), "-o", str(out)] + FAST,
                    env=_env(), check=True, capture_output=True)
     return load_descriptors(out)
 
@@ -61,7 +61,7 @@ def test_shard_bounds_cover_the_list_once_in_order():
 def test_shards_merged_equal_the_single_run(tmp_path, collection, single, capsys):
     shards = [tmp_path / f"s{k}" for k in range(3)]
     for k in (2, 0, 1):  # any order; separate processes, as separate jobs would be
-        subprocess.run([sys.executable, "-m", "remap_lib.cli", "extract", str(collection), "-o", str(shards[k]),
+        subprocess.run([sys.executable, "-m", "remap_lib.app.cli", "extract", str(collection), "-o", str(shards[k]),
                         "--shard", f"{k}/3"] + FAST, env=_env(), check=True, capture_output=True)
     assert len(load_descriptors(shards[0]).paths) == 7
     parts = sorted(p.name for p in (shards[1] / "parts").glob("*.npz"))
@@ -98,8 +98,8 @@ def test_mismatched_or_missing_shards_are_refused(tmp_path, collection, capsys):
     assert "0 <= K < N" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="another part of the image list"):
         from remap_lib.config import ModelConfig
-        from remap_lib.extract import extract_descriptors
-        from remap_lib.model import RetrievalModel
+        from remap_lib.describe.extract import extract_descriptors
+        from remap_lib.describe.model import RetrievalModel
 
         model = RetrievalModel(ModelConfig(head="mac", image_sizes=[64]))
         extract_descriptors(model, collection, a, shard=(1, 2), engine="torch", num_workers=0, progress=False)
@@ -107,7 +107,7 @@ def test_mismatched_or_missing_shards_are_refused(tmp_path, collection, capsys):
 
 def _torchrun(collection, out, port):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            "-m", "remap_lib.cli", "extract", str(collection), "-o", str(out)] + FAST
+            "-m", "remap_lib.app.cli", "extract", str(collection), "-o", str(out)] + FAST
 
 
 @pytest.mark.slow

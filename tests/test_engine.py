@@ -1,4 +1,4 @@
-"""Inference engines (remap_lib.engine): OpenVINO equals torch, precision is explicit, exports never go stale."""
+"""Inference engines (remap_lib.describe.engine): OpenVINO equals torch, precision is explicit, exports never go stale."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from remap_lib import engine as E
-from remap_lib.backbones import build_backbone
+from remap_lib.describe import engine as E
+from remap_lib.nets.backbones import build_backbone
 from remap_lib.config import HEADS, ModelConfig
-from remap_lib.engine import create_engine
-from remap_lib.model import RetrievalModel
-from remap_lib.whitening import learn_pca_whitening
+from remap_lib.describe.engine import create_engine
+from remap_lib.describe.model import RetrievalModel
+from remap_lib.layers.whitening import learn_pca_whitening
 
 pytest.importorskip("openvino")
 
@@ -147,7 +147,7 @@ def test_bf16_on_a_cpu_without_it_warns_and_runs_f32(lite0, monkeypatch, caplog)
             return getattr(real, name)
 
     monkeypatch.setattr(E, "_core", lambda: NoBF16())
-    with caplog.at_level(logging.WARNING, logger="remap_lib.engine"):
+    with caplog.at_level(logging.WARNING, logger="remap_lib.describe.engine"):
         engine = create_engine(model_for(lite0, "mac"), "openvino", precision="bf16")
     assert engine.precision == "f32"
     assert "no bf16 support" in caplog.text
@@ -228,7 +228,7 @@ def test_a_damaged_export_of_the_same_size_is_exported_again_with_one_warning(li
     assert (Unchecked(model, xml).describe(images) - expected).abs().max() > 0.01  # the damage matters
 
     monkeypatch.setattr(E, "_COMPILED", type(E._COMPILED)())  # a new process: nothing in memory
-    with caplog.at_level(logging.WARNING, logger="remap_lib.engine"):
+    with caplog.at_level(logging.WARNING, logger="remap_lib.describe.engine"):
         got = create_engine(model, "openvino").describe(images)
     assert (got - expected).abs().max() <= TOL
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -239,7 +239,7 @@ def test_a_damaged_export_of_the_same_size_is_exported_again_with_one_warning(li
     caplog.clear()  # the new export proves itself: read from disk, no warning, no export
     monkeypatch.setattr(E, "_COMPILED", type(E._COMPILED)())
     monkeypatch.setattr(E, "export_openvino", lambda *a: pytest.fail("exported again"))
-    with caplog.at_level(logging.WARNING, logger="remap_lib.engine"):
+    with caplog.at_level(logging.WARNING, logger="remap_lib.describe.engine"):
         assert (create_engine(model, "openvino").describe(images) - expected).abs().max() <= TOL
     assert caplog.records == []
 
@@ -251,7 +251,7 @@ def test_an_export_without_its_record_is_not_trusted(lite0, images, cache_dir, m
     xml = E.export_path(cache_dir, engine.key())
     (xml.parent / "sha256.json").unlink()
     monkeypatch.setattr(E, "_COMPILED", type(E._COMPILED)())
-    with caplog.at_level(logging.WARNING, logger="remap_lib.engine"):
+    with caplog.at_level(logging.WARNING, logger="remap_lib.describe.engine"):
         assert (create_engine(model, "openvino").describe(images) - expected).abs().max() <= TOL
     assert len(caplog.records) == 1 and "sha256.json" in caplog.text
     assert record_matches_files(xml)

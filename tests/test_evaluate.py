@@ -1,4 +1,4 @@
-"""Evaluation (remap_lib.evaluate), plots and `remap evaluate`."""
+"""Evaluation (remap_lib.evaluation.evaluate), plots and `remap evaluate`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from remap_lib.cli import main
+from remap_lib.app.cli import main
 from remap_lib.config import ModelConfig
-from remap_lib.datasets import RetrievalDataset, load_folder_groups
-from remap_lib.evaluate import COLOUR_HISTOGRAM, colour_histograms, evaluate, format_table, score
-from remap_lib.images import ImageSpec
-from remap_lib.plots import activation_maps, plot_query_results, plot_region_grid, result_status
+from remap_lib.data.datasets import RetrievalDataset, load_folder_groups
+from remap_lib.evaluation.evaluate import COLOUR_HISTOGRAM, colour_histograms, evaluate, format_table, score
+from remap_lib.data.images import ImageSpec
+from remap_lib.app.plots import activation_maps, plot_query_results, plot_region_grid, result_status
 
 
 def test_colour_histogram_of_solid_colours(tmp_path):
@@ -78,9 +78,9 @@ def test_evaluate_saves_table_configs_and_per_query_aps(tmp_path, photo_dir, lit
 def test_five_heads_on_one_backbone_run_the_cnn_once_and_equal_the_per_method_path(tmp_path, photo_dir):
     import torch
 
-    from remap_lib.backbones import build_backbone
-    from remap_lib.evaluate import describe
-    from remap_lib.model import RetrievalModel
+    from remap_lib.nets.backbones import build_backbone
+    from remap_lib.evaluation.evaluate import describe
+    from remap_lib.describe.model import RetrievalModel
 
     torch.manual_seed(0)
     backbone = build_backbone("efficientnet_lite0", weights="random")
@@ -163,7 +163,7 @@ def test_download_resumes_a_partial_file(tmp_path, monkeypatch):
     import http.server
     import threading
 
-    from remap_lib.download import download_file
+    from remap_lib.data.download import download_file
 
     payload = bytes(range(256)) * 400
     seen = []
@@ -198,7 +198,7 @@ def test_figure_png_is_a_png_of_the_figure_and_closes_it():
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from remap_lib.plots import figure_png
+    from remap_lib.app.plots import figure_png
 
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.imshow(np.zeros((30, 40)))
@@ -210,7 +210,7 @@ def test_figure_png_is_a_png_of_the_figure_and_closes_it():
 
 
 def test_region_grid_has_one_panel_per_scale_with_translucent_regions_and_one_outlined(photo_dir):
-    from remap_lib.functional import rmac_regions
+    from remap_lib.layers.functional import rmac_regions
 
     fig = plot_region_grid(ImageSpec(str(photo_dir / "coffee.png")), 4, map_size=(24, 32))
     _, scale_of = rmac_regions(24, 32, 4, return_levels=True)
@@ -232,8 +232,8 @@ def test_region_grid_has_one_panel_per_scale_with_translucent_regions_and_one_ou
 def test_activation_summaries_and_why_max_is_not_the_default(photo_dir, lite0):
     import torch
 
-    from remap_lib.images import resize_longer_side, to_tensor
-    from remap_lib.model import RetrievalModel
+    from remap_lib.data.images import resize_longer_side, to_tensor
+    from remap_lib.describe.model import RetrievalModel
 
     model = RetrievalModel(ModelConfig(head="remap", layers=[1, 2]), lite0)
     img = Image.open(photo_dir / "astronaut.png")
@@ -257,9 +257,9 @@ def test_a_fine_tuned_twin_never_reads_the_imagenet_models_cache(tmp_path, photo
 
     import torch
 
-    from remap_lib.backbones import build_backbone
-    from remap_lib.evaluate import _cache_folder
-    from remap_lib.model import RetrievalModel
+    from remap_lib.nets.backbones import build_backbone
+    from remap_lib.evaluation.evaluate import _cache_folder
+    from remap_lib.describe.model import RetrievalModel
 
     torch.manual_seed(0)
     photos = [ImageSpec(str(p)) for p in sorted(photo_dir.glob("*.png"))]

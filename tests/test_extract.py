@@ -1,4 +1,4 @@
-"""Extraction: batching, bad images, resume, the CLI (remap_lib.extract, remap_lib.cli)."""
+"""Extraction: batching, bad images, resume, the CLI (remap_lib.describe.extract, remap_lib.app.cli)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from remap_lib.cli import main
+from remap_lib.app.cli import main
 from remap_lib.config import PAPER_MULTISCALE, ModelConfig
-from remap_lib.extract import extract_descriptors, learn_whitening, load_descriptors
-from remap_lib.images import ImageLoadError, load_image, resize_longer_side, to_tensor
-from remap_lib.model import RetrievalModel
+from remap_lib.describe.extract import extract_descriptors, learn_whitening, load_descriptors
+from remap_lib.data.images import ImageLoadError, load_image, resize_longer_side, to_tensor
+from remap_lib.describe.model import RetrievalModel
 
 
 @pytest.fixture()
@@ -138,7 +138,7 @@ def test_cli_extract_whiten_extract(tmp_path, photo_dir, capsys):
     assert main(args[:3] + [str(out2)] + args[4:] + ["--whitening", str(tmp_path / "w.npz")]) == 0
     assert np.load(out2 / "descriptors.npy").shape == (6, 5)
     # the whitened CLI output equals whitening applied to the plain descriptors
-    from remap_lib.whitening import PCAWhitening
+    from remap_lib.layers.whitening import PCAWhitening
 
     w = PCAWhitening.load(tmp_path / "w.npz")
     assert np.allclose(np.load(out2 / "descriptors.npy"), w.apply(np.load(out / "descriptors.npy")), atol=1e-4)
@@ -148,7 +148,7 @@ def test_cli_extract_whiten_extract(tmp_path, photo_dir, capsys):
 
 
 def test_small_images_are_not_enlarged_unless_asked():
-    from remap_lib.extract import scaled_sizes
+    from remap_lib.describe.extract import scaled_sizes
 
     assert scaled_sizes(2000, [1024], False) == [1024]
     assert scaled_sizes(800, [1024], False) == [800]  # a cropped query keeps its scale
@@ -158,7 +158,7 @@ def test_small_images_are_not_enlarged_unless_asked():
 
 
 def test_query_crop_is_described_at_its_own_scale(tmp_path, photo_dir, lite0):
-    from remap_lib.images import ImageSpec
+    from remap_lib.data.images import ImageSpec
 
     model = RetrievalModel(ModelConfig(head="mac", image_sizes=[128]), backbone=lite0)
     spec = ImageSpec(str(photo_dir / "chelsea.png"), box=(10, 10, 74, 58))
@@ -170,7 +170,7 @@ def test_query_crop_is_described_at_its_own_scale(tmp_path, photo_dir, lite0):
 
 # ---------------------------------------------------------------------- issue 25: loader workers, unread formats
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "remap_lib.cli"]
+CLI = [sys.executable, "-m", "remap_lib.app.cli"]
 MAC_128 = ["--head", "mac", "--image-size", "128", "--engine", "torch", "-q"]
 
 
@@ -294,9 +294,9 @@ def test_a_killed_worker_ends_the_run_with_one_error_and_keeps_the_parts(tmp_pat
 
 LOST_IMAGE = """
 import sys
-import remap_lib.extract as E
+import remap_lib.describe.extract as E
 from remap_lib.config import ModelConfig
-from remap_lib.model import RetrievalModel
+from remap_lib.describe.model import RetrievalModel
 
 E.LOADER_TIMEOUT_S = 3
 real = E._ImageDataset.__getitem__

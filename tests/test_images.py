@@ -1,4 +1,4 @@
-"""Bad and unusual images (remap_lib.images)."""
+"""Bad and unusual images (remap_lib.data.images)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from remap_lib.images import ImageLoadError, load_image, resize_longer_side, to_tensor
+from remap_lib.data.images import ImageLoadError, load_image, resize_longer_side, to_tensor
 
 
 def _photo(size=(60, 40)):
@@ -95,7 +95,7 @@ def test_resize_keeps_aspect_and_to_tensor_range():
 def test_formats_the_loader_cannot_read_are_listed_and_refused_by_suffix(tmp_path):
     """A .heic (no decoder here) and a .dng (TIFF inside: must not be read as its preview) are refused,
     with the format in the reason; a folder lists them, and still ignores files that are not images."""
-    from remap_lib.images import list_images
+    from remap_lib.data.images import list_images
 
     (tmp_path / "phone.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(64))
     _photo((300, 200)).save(tmp_path / "raw.dng", "TIFF")  # PIL would decode this content as a TIFF
@@ -122,7 +122,7 @@ def test_pixels_become_exactly_the_tensor_of_the_image():
     """The pipe fallback of loader workers sends uint8 pixels; the tensor made of them must be the same."""
     import torch
 
-    from remap_lib.images import pixels_to_tensor, to_pixels
+    from remap_lib.data.images import pixels_to_tensor, to_pixels
 
     img = _photo((97, 61))
     pixels = to_pixels(img)

@@ -1,4 +1,4 @@
-"""KL-divergence region weighting (remap_lib.klw) and its pictures."""
+"""KL-divergence region weighting (remap_lib.training.klw) and its pictures."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from remap_lib.cli import main
+from remap_lib.app.cli import main
 from remap_lib.config import ModelConfig
-from remap_lib.datasets import load_folder_groups
-from remap_lib.klw import (KLWeights, estimate_kl_weights, histogram_densities, pair_distances,
+from remap_lib.data.datasets import load_folder_groups
+from remap_lib.training.klw import (KLWeights, estimate_kl_weights, histogram_densities, pair_distances,
                            region_descriptors, region_kl, sample_pairs)
-from remap_lib.model import RetrievalModel
-from remap_lib.plots import kl_weight_map
+from remap_lib.describe.model import RetrievalModel
+from remap_lib.app.plots import kl_weight_map
 
 N = 20000
 
@@ -68,7 +68,7 @@ def test_smoothing_must_be_positive(smoothing):
 
 
 def test_non_finite_divergences_are_refused(monkeypatch):
-    import remap_lib.klw as klw
+    import remap_lib.training.klw as klw
 
     monkeypatch.setattr(klw, "kl_divergence", lambda p, q: float("nan"))
     with pytest.raises(ValueError, match="not finite"):
@@ -115,7 +115,7 @@ def test_region_descriptors_are_the_heads_regions(group_dataset, lite0):
     assert set(regs) == {"head", "block15"} and regs["head"].shape == (2, 8, 1280)
     alpha = torch.linspace(0.5, 2, 8)
     model.set_region_weights({"head": alpha})
-    from remap_lib.images import load_spec, to_tensor
+    from remap_lib.data.images import load_spec, to_tensor
 
     x = to_tensor(load_spec(group_dataset.images[0]).resize((128, 96), resample=2))[None]
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_estimate_is_deterministic_and_loads_into_a_model(tmp_path, group_datase
 
 
 def test_estimate_refuses_smoothing_zero_before_describing_images(group_dataset, lite0, monkeypatch):
-    import remap_lib.klw as klw
+    import remap_lib.training.klw as klw
 
     def fail(*args, **kwargs):
         raise AssertionError("the backbone ran before the settings were checked")

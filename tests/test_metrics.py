@@ -1,4 +1,4 @@
-"""Retrieval metrics (remap_lib.metrics): hand-computed values and revisitop's reference code.
+"""Retrieval metrics (remap_lib.evaluation.metrics): hand-computed values and revisitop's reference code.
 
 Conventions recalled: ``ranks`` is ``(n_queries, n_database)``; AP is revisitop's
 trapezoidal rule: the j-th relevant image (0-based) found at 0-based position r
@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from remap_lib.metrics import (
+from remap_lib.evaluation.metrics import (
     average_precision,
     holidays_map,
     mean_average_precision,

@@ -1,4 +1,4 @@
-"""The descriptor network (remap_lib.model): heads, whitening FC, gradients, checkpoints."""
+"""The descriptor network (remap_lib.describe.model): heads, whitening FC, gradients, checkpoints."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from remap_lib import functional as RF
-from remap_lib.backbones import build_backbone
+from remap_lib.layers import functional as RF
+from remap_lib.nets.backbones import build_backbone
 from remap_lib.config import HEADS, PAPER_MULTISCALE, ModelConfig
-from remap_lib.model import RetrievalModel, WhiteningNotLearnedError
-from remap_lib.whitening import learn_pca_whitening
+from remap_lib.describe.model import RetrievalModel, WhiteningNotLearnedError
+from remap_lib.layers.whitening import learn_pca_whitening
 
 
 @pytest.fixture()
@@ -194,7 +194,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(random_lite0):
 
 def test_layer_weights_balance_the_streams_and_learn():
     """layer_weights="ones": each stream L2-normalised, times a learnable non-negative weight (init 1)."""
-    from remap_lib import functional as RF
+    from remap_lib.layers import functional as RF
 
     cfg = ModelConfig(head="remap", levels=2, weights="random", layer_weights="ones")
     model = RetrievalModel(cfg)
@@ -217,7 +217,7 @@ def test_layer_weights_balance_the_streams_and_learn():
 def test_layer_weights_kl_start_from_each_layers_mean_divergence(tmp_path):
     import numpy as np
 
-    from remap_lib.klw import KLWeights
+    from remap_lib.training.klw import KLWeights
 
     model = RetrievalModel(ModelConfig(head="remap", levels=2, weights="random", layer_weights="kl"))
     weights = {layer: np.full(8, v, np.float32) for layer, v in zip(model.layers, (0.2, 0.8))}

@@ -28,7 +28,7 @@ def test_outputs_are_stripped_and_parameters_tagged(path):
 
 
 def test_runner_passes_each_notebook_only_its_declared_parameters():
-    from remap_lib.notebooks import _declared_parameters
+    from remap_lib.app.notebooks import _declared_parameters
 
     assert _declared_parameters(NOTEBOOKS[0]) == {"dataset", "scales", "quick", "engine", "precision"}
     assert {"train_groups", "engine"} <= _declared_parameters(NOTEBOOKS[2])

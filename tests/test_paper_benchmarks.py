@@ -13,13 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from _paper import (Bench, SharedBackbone, combine_scales, disjoint_whitening, held_out_ukbench,  # noqa: E402
                     scores_row)
-from remap_lib.backbones import build_backbone  # noqa: E402
+from remap_lib.nets.backbones import build_backbone  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
-from remap_lib.datasets import RetrievalDataset  # noqa: E402
-from remap_lib.evaluate import describe  # noqa: E402
-from remap_lib.images import ImageSpec  # noqa: E402
-from remap_lib.model import RetrievalModel  # noqa: E402
-from remap_lib.whitening import learn_pca_whitening  # noqa: E402
+from remap_lib.data.datasets import RetrievalDataset  # noqa: E402
+from remap_lib.evaluation.evaluate import describe  # noqa: E402
+from remap_lib.data.images import ImageSpec  # noqa: E402
+from remap_lib.describe.model import RetrievalModel  # noqa: E402
+from remap_lib.layers.whitening import learn_pca_whitening  # noqa: E402
 
 
 @pytest.fixture(scope="module")

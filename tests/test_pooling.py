@@ -1,4 +1,4 @@
-"""MAC / SPoC / GeM and the REMAP stream's region weights (remap_lib.pooling)."""
+"""MAC / SPoC / GeM and the REMAP stream's region weights (remap_lib.layers.pooling)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from remap_lib import functional as RF
-from remap_lib.pooling import (GeM, RemapStream, _regions_and_weight_index, project_nonnegative_,
+from remap_lib.layers import functional as RF
+from remap_lib.layers.pooling import (GeM, RemapStream, _regions_and_weight_index, project_nonnegative_,
                                register_nonnegative_projection)
 
 X = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
@@ -177,7 +177,7 @@ def test_every_4_3_map_uses_each_region_weight_once(shape, levels):
 
     Before, the nearest-centre rule on a 6x8 map at S = 4 gave 35 distinct alphas for 40 regions.
     """
-    from remap_lib.pooling import _regions_and_weight_index
+    from remap_lib.layers.pooling import _regions_and_weight_index
 
     boxes, index = _regions_and_weight_index(*shape, levels, False, (24, 32))
     assert len(boxes) == {2: 8, 3: 20, 4: 40, 5: 70}[levels]

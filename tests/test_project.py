@@ -36,7 +36,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_cli_lists_backbones(capsys):
-    from remap_lib.cli import main
+    from remap_lib.app.cli import main
 
     assert main(["backbones"]) == 0
     assert "efficientnet_lite0" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Learned region proposals (remap_lib.proposals, landmark_boxes, train_rpn; Gordo et al. 2016)."""
+"""Learned region proposals (remap_lib.layers.proposals, landmark_boxes, train_rpn; Gordo et al. 2016)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,19 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-from remap_lib import functional as RF
-from remap_lib import landmark_boxes as LB
-from remap_lib import verification as V
+from remap_lib.layers import functional as RF
+from remap_lib.training import landmark_boxes as LB
+from remap_lib.training import verification as V
 from remap_lib.config import PAPER_MULTISCALE, ModelConfig
-from remap_lib.model import RetrievalModel
-from remap_lib.proposals import (CellAnchorGenerator, ProposalNetwork, ProposalRMAC, ProposalsNotTrainedError,
+from remap_lib.describe.model import RetrievalModel
+from remap_lib.layers.proposals import (CellAnchorGenerator, ProposalNetwork, ProposalRMAC, ProposalsNotTrainedError,
                                  anchor_grid, box_recall, recall_curve, select_proposals,
                                  snap_to_cells)
 
 
 @pytest.fixture(scope="module")
 def random_lite0():
-    from remap_lib.backbones import build_backbone
+    from remap_lib.nets.backbones import build_backbone
 
     torch.manual_seed(0)
     return build_backbone("efficientnet_lite0", weights="random")
@@ -282,7 +282,7 @@ def test_recall_curve_by_hand():
 
 
 def test_model_with_rpn_regions_saves_loads_and_extracts(tmp_path, random_lite0, photo_dir):
-    from remap_lib.extract import extract_descriptors
+    from remap_lib.describe.extract import extract_descriptors
 
     torch.manual_seed(4)
     model = RetrievalModel(_rpn_config(proposals=8, image_sizes=[128]), backbone=random_lite0)
@@ -451,7 +451,7 @@ def test_training_boxes_merge_per_image_and_resume_from_the_cache(tmp_path, warp
 
 
 def _train_cfg(tmp_path, name, **kw):
-    from remap_lib.train_rpn import RPNTrainConfig
+    from remap_lib.training.rpn import RPNTrainConfig
 
     # 256 px (enlarged): 8 x 6 maps, 432 anchors, more than the 256 sampled for the loss, so the resume
     # test sees whether the sampling is reproduced
@@ -462,7 +462,7 @@ def _train_cfg(tmp_path, name, **kw):
 
 
 def test_train_rpn_resumes_to_the_same_weights_and_writes_a_loadable_model(tmp_path, random_lite0, photo_dir):
-    from remap_lib.train_rpn import RPNTrainer
+    from remap_lib.training.rpn import RPNTrainer
 
     files = sorted(str(p) for p in photo_dir.glob("*.png"))
     sizes = {p: Image.open(p).size for p in files}
@@ -495,7 +495,7 @@ def test_train_rpn_resumes_to_the_same_weights_and_writes_a_loadable_model(tmp_p
 def test_remap_train_rpn_command_trains_on_verified_pairs_and_resumes(tmp_path, warped_pairs, capsys):
     import yaml
 
-    from remap_lib.cli import main
+    from remap_lib.app.cli import main
 
     cfg = {"pairs": str(warped_pairs["csv"]), "model": _rpn_config(image_sizes=[128]).to_dict(),
            "batch_size": 2, "steps": 2, "checkpoint_every": 1, "val_every": 0, "engine": "torch",
@@ -517,7 +517,7 @@ def test_remap_train_rpn_command_trains_on_verified_pairs_and_resumes(tmp_path, 
 
 
 def test_proposal_regions_and_their_picture(random_lite0):
-    from remap_lib.plots import plot_proposals_vs_grid, proposal_regions
+    from remap_lib.app.plots import plot_proposals_vs_grid, proposal_regions
 
     torch.manual_seed(6)
     model = RetrievalModel(_rpn_config(proposals=8, image_sizes=[128]), backbone=random_lite0).eval()
@@ -529,7 +529,7 @@ def test_proposal_regions_and_their_picture(random_lite0):
     assert 1 <= len(r["proposals"]) <= 20 and r["scores"].shape == (len(r["proposals"]),)
     assert bool((r["proposals"][:, 2] <= 200 + 1e-6).all()) and bool((r["proposals"][:, 3] <= 150 + 1e-6).all())
     # the proposals in cells are what the model's own proposals() gives (same map, scaled to the picture)
-    from remap_lib.images import resize_longer_side, to_tensor
+    from remap_lib.data.images import resize_longer_side, to_tensor
 
     x = to_tensor(resize_longer_side(image, 256))[None]
     own, _ = model.proposals(x, 20)[0]

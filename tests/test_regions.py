@@ -1,4 +1,4 @@
-"""Region grid, ROI max-pooling and R-MAC (remap_lib.functional)."""
+"""Region grid, ROI max-pooling and R-MAC (remap_lib.layers.functional)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from remap_lib import functional as RF
+from remap_lib.layers import functional as RF
 
 
 @pytest.mark.parametrize("height,width", [(24, 32), (32, 24)])

@@ -1,4 +1,4 @@
-"""One backbone pass for many heads (remap_lib.shared_pass): fewer CNN calls, the same descriptors."""
+"""One backbone pass for many heads (remap_lib.describe.shared_pass): fewer CNN calls, the same descriptors."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from remap_lib.backbones import build_backbone
+from remap_lib.nets.backbones import build_backbone
 from remap_lib.config import ModelConfig
-from remap_lib.extract import extract_descriptors
-from remap_lib.images import ImageLoadError, ImageSpec
-from remap_lib.model import RetrievalModel
-from remap_lib.shared_pass import SharedBackbone, group_by_pass
-from remap_lib.whitening import learn_pca_whitening
+from remap_lib.describe.extract import extract_descriptors
+from remap_lib.data.images import ImageLoadError, ImageSpec
+from remap_lib.describe.model import RetrievalModel
+from remap_lib.describe.shared_pass import SharedBackbone, group_by_pass
+from remap_lib.layers.whitening import learn_pca_whitening
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_pool_gives_each_size_before_whitening(random_lite0, specs):
     pooled = shared.pool(specs[:2], {"gem": models["gem"]}, [96, 120])["gem"]
     assert pooled.shape == (2, 2, 1280)
     with torch.no_grad():
-        from remap_lib.extract import _ImageDataset
+        from remap_lib.describe.extract import _ImageDataset
 
         for i in range(2):
             _, per_size = _ImageDataset(specs, [96, 120], False, 10**8)[i]
@@ -90,7 +90,7 @@ def test_pool_gives_each_size_before_whitening(random_lite0, specs):
 
 def test_pool_dataset_without_a_cache_folder(random_lite0, specs):
     """No cache folder (a fine-tuned backbone, as benchmarks/finetune_landmarks.py scores it): pooled, not cached."""
-    from remap_lib.datasets import RetrievalDataset
+    from remap_lib.data.datasets import RetrievalDataset
 
     ds = RetrievalDataset("six", specs, specs[:2], {"map": [{"ok": [0], "junk": []}, {"ok": [1], "junk": []}]})
     model = heads(random_lite0)["gem"]

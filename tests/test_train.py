@@ -1,4 +1,4 @@
-"""Fine-tuning (remap_lib.train): losses, mining, a tiny CPU run, resume, frozen parts, DDP."""
+"""Fine-tuning (remap_lib.training.triplet): losses, mining, a tiny CPU run, resume, frozen parts, DDP."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import torch
 import yaml
 from PIL import Image
 
-from remap_lib import cli
-from remap_lib import functional as RF
+from remap_lib.app import cli
+from remap_lib.layers import functional as RF
 from remap_lib.config import ModelConfig
-from remap_lib.datasets import load_folder_groups
-from remap_lib.evaluate import describe, score
-from remap_lib.train import TrainConfig, Trainer, check_no_overlap, matching_pairs, mine_hard_negatives
+from remap_lib.data.datasets import load_folder_groups
+from remap_lib.evaluation.evaluate import describe, score
+from remap_lib.training.triplet import TrainConfig, Trainer, check_no_overlap, matching_pairs, mine_hard_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def tiny_groups(tmp_path_factory) -> Path:
     """6 real photos, each with an occluded and a cluttered view, 96 px: hard for the untrained model."""
     from skimage import data as skdata
 
-    from remap_lib import demo_data as D
+    from remap_lib.data import demo_data as D
 
     root = tmp_path_factory.mktemp("train_groups")
     background = Image.open(Path(skdata.data_dir) / "gravel.png").convert("RGB")
@@ -326,7 +326,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path, tiny_group
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "remap_lib.cli", "train", "--config", str(tmp_path / "ddp.yaml")]
+           "-m", "remap_lib.app.cli", "train", "--config", str(tmp_path / "ddp.yaml")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
@@ -345,7 +345,7 @@ def test_whitening_init_keeps_training_distances_informative(tmp_path, tiny_grou
     d = 2 - 2 * x @ x.T
     off = ~np.eye(len(x), dtype=bool)
     assert d[off].std() > 0.1
-    from remap_lib.whitening import learn_pca_whitening
+    from remap_lib.layers.whitening import learn_pca_whitening
 
     pooled = trainer._describe(whitened=False)
     full = learn_pca_whitening(pooled, len(pooled) - 1).apply(pooled)

@@ -1,4 +1,4 @@
-"""Geometric verification of training pairs (remap_lib.verification): SIFT + RANSAC inlier counts."""
+"""Geometric verification of training pairs (remap_lib.training.verification): SIFT + RANSAC inlier counts."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from remap_lib import verification as V
-from remap_lib.images import load_image
+from remap_lib.training import verification as V
+from remap_lib.data.images import load_image
 
 
 def _skimage(name: str) -> Path:
@@ -57,7 +57,7 @@ def test_real_stereo_pair_has_many_inliers_and_unrelated_photos_almost_none():
 
 
 def test_demo_box_in_scene_matches_the_box():
-    from remap_lib.demo_data import default_demo_dir
+    from remap_lib.data.demo_data import default_demo_dir
 
     jpg = default_demo_dir() / "jpg"
     if not (jpg / "g04_box.jpg").exists():
@@ -270,8 +270,8 @@ def test_load_pairs_reads_hand_written_files_and_explains_bad_ones(tmp_path):
 
 
 def test_dataset_without_groups_is_refused(tmp_path):
-    from remap_lib.datasets import RetrievalDataset
-    from remap_lib.images import ImageSpec
+    from remap_lib.data.datasets import RetrievalDataset
+    from remap_lib.data.images import ImageSpec
 
     ds = RetrievalDataset("flat", [ImageSpec("a.jpg")], [], {}, None)
     with pytest.raises(ValueError, match="no groups"):
@@ -292,7 +292,7 @@ def test_draw_matches_shows_both_images_and_the_count():
 
 
 def test_cli_verify_pairs_writes_the_csv_and_prints_a_summary(groups_dir, tmp_path, capsys):
-    from remap_lib.cli import main
+    from remap_lib.app.cli import main
 
     out = tmp_path / "pairs.csv"
     assert main(["verify-pairs", str(groups_dir), "-o", str(out), "--workers", "0", "--max-side", "320",

@@ -1,11 +1,11 @@
-"""PCA-whitening (remap_lib.whitening)."""
+"""PCA-whitening (remap_lib.layers.whitening)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from remap_lib.whitening import PCAWhitening, learn_pca_whitening
+from remap_lib.layers.whitening import PCAWhitening, learn_pca_whitening
 
 
 def _correlated(n=500, d=20, seed=0):

@@ -1,6 +1,6 @@
 """Writers that are interrupted or run twice, and the model behind a result (issue 17, items 5-10).
 
-The subprocess tests run the real ``remap`` command (``python -m remap_lib.cli``)
+The subprocess tests run the real ``remap`` command (``python -m remap_lib.app.cli``)
 with the torch engine at 64 px so that they stay a few seconds each.
 """
 
@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from remap_lib.cli import main
+from remap_lib.app.cli import main
 from remap_lib.config import ModelConfig
-from remap_lib.extract import (ExtractionLockedError, _output_lock, extract_descriptors, load_descriptors)
-from remap_lib.model import RetrievalModel
+from remap_lib.describe.extract import (ExtractionLockedError, _output_lock, extract_descriptors, load_descriptors)
+from remap_lib.describe.model import RetrievalModel
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "remap_lib.cli"]
+CLI = [sys.executable, "-m", "remap_lib.app.cli"]
 FAST = ["--head", "mac", "--image-size", "64", "--engine", "torch", "-q", "--workers", "0"]
 
 
@@ -75,7 +75,7 @@ def test_fingerprint_follows_in_place_changes(mac_model):
 
 
 def _klw_file(path, model, seed=0):
-    from remap_lib.klw import KLWeights
+    from remap_lib.training.klw import KLWeights
 
     rng = np.random.default_rng(seed)
     weights = {layer: rng.uniform(0.1, 2.0, len(alpha)).astype(np.float32)
@@ -117,8 +117,8 @@ def test_index_search_by_image_rebuilds_the_whole_model(tmp_path, photo_dir, cap
 
     # another checkpoint (same config, other weights) is refused
     m = RetrievalModel(ModelConfig(head="remap", levels=2, image_sizes=[64]))
-    from remap_lib.klw import KLWeights
-    from remap_lib.whitening import PCAWhitening
+    from remap_lib.training.klw import KLWeights
+    from remap_lib.layers.whitening import PCAWhitening
 
     KLWeights.load(klw).apply(m)
     m.set_whitening(PCAWhitening.load(tmp_path / "w.npz"))
@@ -150,7 +150,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, photo_dir, mac_m
 
 
 def test_a_kill_between_the_final_files_is_detected_and_repaired(tmp_path, photo_dir, mac_model, monkeypatch):
-    import remap_lib.extract as E
+    import remap_lib.describe.extract as E
 
     out = tmp_path / "out"
     full = _extract(mac_model, photo_dir, out)
@@ -334,7 +334,7 @@ def test_a_folder_with_a_non_utf8_name_finishes_and_reruns_to_the_same_result(tm
 
 
 def test_an_index_of_non_utf8_names_is_built_and_keeps_them(tmp_path, photo_dir, mac_model):
-    from remap_lib.index import RetrievalIndex
+    from remap_lib.search.index import RetrievalIndex
 
     folder, names, _ = _non_utf8_folder(tmp_path, photo_dir)
     _extract(mac_model, folder, tmp_path / "out")
@@ -344,7 +344,7 @@ def test_an_index_of_non_utf8_names_is_built_and_keeps_them(tmp_path, photo_dir,
 
 def test_temporary_names_stay_within_the_file_name_limit(tmp_path, photo_dir, mac_model):
     """Item 8b: a temporary name is the final name plus a few bytes; past 255 bytes it is a short hash."""
-    from remap_lib.extract import _atomic_write, _temp_path
+    from remap_lib.describe.extract import _atomic_write, _temp_path
 
     assert _temp_path(tmp_path / "manifest.json") == tmp_path / ".manifest.json.tmp"
     long_name = "n" * 254
