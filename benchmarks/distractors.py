@@ -3,7 +3,7 @@
 Queries: the 12 revisited-Paris queries (cropped); database: the 238 rParis
 images, then the real distractors we have (600 UKBench and 153 demo images),
 then synthetic distractors (Gaussian fitted to the real descriptors,
-:func:`remap_lib.search.index.synthetic_distractors`) up to ``--max-n``.  Methods, all
+:func:`remap_lib.search.sources.synthetic_distractors`) up to ``--max-n``.  Methods, all
 EfficientNet-Lite0 off the shelf, PCA-whitened (learned on UKBench + demo) and
 truncated to 128-D: Fig. 8's REMAP 128-D (flat), REMAP PQ 16×8 (ADC), R-MAC
 128-D and R-MAC PQ 16×8; Table VII's compact baselines MAC, SPoC and GeM 128-D.
@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 
 from _paper import write_outputs  # noqa: E402
 from _real_descriptors import real_descriptors  # noqa: E402
-from remap_lib.search.index import RetrievalIndex, synthetic_distractors  # noqa: E402
+from remap_lib.search.index import RetrievalIndex  # noqa: E402
+from remap_lib.search.sources import synthetic_distractors  # noqa: E402
 from remap_lib.evaluation.metrics import mean_average_precision  # noqa: E402
 
 METHODS = {"REMAP 128-D": ("remap", "Flat"), "REMAP PQ 16x8": ("remap", "PQ16"), "R-MAC 128-D": ("rmac", "Flat"),

@@ -52,7 +52,8 @@ from remap_lib.data.images import ImageSpec, load_spec  # noqa: E402
 from remap_lib.training.landmark_boxes import training_boxes  # noqa: E402
 from remap_lib.describe.model import RetrievalModel, weights_fingerprint  # noqa: E402
 from remap_lib.layers.proposals import recall_curve  # noqa: E402
-from remap_lib.training.verification import MatchSettings, load_pairs  # noqa: E402
+from remap_lib.training.pairs import load_pairs  # noqa: E402
+from remap_lib.training.verification import MatchSettings  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RPN_COMMAND = "remap train-rpn --config configs/train_rpn_landmarks_cpu.yaml"

@@ -6,7 +6,7 @@ descriptor) plus synthetic distractors up to ``--n``, one million at a time:
 
 * ``--distractors gaussian`` (issue 6's set): drawn from a Gaussian with the
   real descriptors' mean and covariance, L2-normalised
-  (:func:`remap_lib.search.index.synthetic_distractors`).  After whitening that is
+  (:func:`remap_lib.search.sources.synthetic_distractors`).  After whitening that is
   close to uniform on the sphere: every distractor is an unrelated image, and
   the exact top-10 of a query past its few true matches is the far tail of
   millions of near-orthogonal vectors (cosine ~0.45 at 10M), scattered over
@@ -38,7 +38,7 @@ A single query searches its lists on every thread (IVF ``parallel_mode``,
 fast-scan ``implem``; :meth:`RetrievalIndex.search`).
 
 Each configuration is built from the folder exactly as ``remap index build``
-does (:meth:`RetrievalIndex.build` / :meth:`RetrievalIndex.build_on_disk`:
+does (:meth:`RetrievalIndex.build` / :func:`~remap_lib.search.on_disk.build_on_disk`:
 streamed in chunks, trained on ``--train`` random rows, checksum verified) in
 a fresh process, so that its peak RSS is its own, and saved; a second fresh
 process loads it and searches it one query at a time over a sweep of
@@ -77,7 +77,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from remap_lib.search.index import EXTRACTION_FORMAT, DescriptorSource, RetrievalIndex, synthetic_distractors  # noqa: E402
+from remap_lib.describe.extraction_files import FORMAT as EXTRACTION_FORMAT  # noqa: E402
+from remap_lib.search.index import RetrievalIndex  # noqa: E402
+from remap_lib.search.on_disk import build_on_disk  # noqa: E402
+from remap_lib.search.sources import DescriptorSource, synthetic_distractors  # noqa: E402
 
 K = 10
 GEN_CHUNK = 1_000_000
@@ -215,7 +218,7 @@ def child_build(task: dict) -> dict:
     t = time.perf_counter()
     common = dict(nprobe=16, train_size=task["train"], seed=0)
     if task["on_disk"]:
-        index = RetrievalIndex.build_on_disk(source, task["out"], task["factory"], shards=task["shards"], **common)
+        index = build_on_disk(source, task["out"], task["factory"], shards=task["shards"], **common)
     else:
         index = RetrievalIndex.build(source, task["factory"], refine=task["refine"], **common)
         index.save(task["out"])

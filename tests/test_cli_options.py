@@ -618,13 +618,13 @@ def test_train_rpn_overrides_reach_the_training_config(monkeypatch, tmp_path):
 
 
 def test_verify_pairs_options_reach_the_verification(work, monkeypatch, tmp_path):
-    from remap_lib.training import verification
+    from remap_lib.training import pairs
 
     (dataset,), kwargs = _called(
         ["verify-pairs", str(work / "groups"), "-o", str(tmp_path / "p.csv"), "--pairs-per-group", "3",
          "--min-inliers", "7", "--max-inliers", "40", "--drop-unverified", "--clean-tries", "4", "--max-side", "320",
          "--method", "fundamental", "--ransac-threshold", "1.5", "--workers", "0", "--seed", "9",
-         "--cache", str(tmp_path / "c.jsonl"), "-q"], monkeypatch, verification, "verify_pairs")
+         "--cache", str(tmp_path / "c.jsonl"), "-q"], monkeypatch, pairs, "verify_pairs")
     settings = kwargs.pop("settings")
     assert dataset == str(work / "groups")
     assert (settings.max_side, settings.method, settings.ransac_threshold) == (320, "fundamental", 1.5)

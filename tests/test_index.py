@@ -11,7 +11,9 @@ from remap_lib.app.cli import main  # noqa: E402
 from remap_lib.config import ModelConfig  # noqa: E402
 from remap_lib.search.expansion import (alpha_query_expansion, average_query_expansion,  # noqa: E402
                                  database_side_augmentation)
-from remap_lib.search.index import IndexFileError, ModelMismatchError, RetrievalIndex, truncate_descriptors  # noqa: E402
+from remap_lib.search.index import ModelMismatchError, RetrievalIndex, truncate_descriptors  # noqa: E402
+from remap_lib.search.index_file import IndexFileError  # noqa: E402
+from remap_lib.search.on_disk import build_on_disk  # noqa: E402
 
 
 def _overlap_at_10(found, truth) -> float:
@@ -132,7 +134,7 @@ def test_cli_build_search_add(tmp_path, photo_dir, capsys):
 
 
 def test_synthetic_distractors_follow_the_real_moments():
-    from remap_lib.search.index import synthetic_distractors
+    from remap_lib.search.sources import synthetic_distractors
 
     rng = np.random.default_rng(6)
     real = rng.normal(size=(4000, 6)) * np.array([3.0, 2.0, 1.0, 0.5, 0.2, 0.1]) + np.array([5.0, 0, 0, 0, 0, 0])
@@ -171,7 +173,8 @@ def _extraction_folder(folder, x, paths=None):
 
 def test_descriptor_source_reads_what_extract_writes(tmp_path):
     from remap_lib.describe.extract import FORMAT, load_descriptors
-    from remap_lib.search.index import EXTRACTION_FORMAT, DescriptorSource
+    from remap_lib.describe.extraction_files import FORMAT as EXTRACTION_FORMAT
+    from remap_lib.search.sources import DescriptorSource
 
     assert EXTRACTION_FORMAT == FORMAT
     folder = _extraction_folder(tmp_path / "desc", _unit(1000, 16, 7))
@@ -188,7 +191,7 @@ def test_descriptor_source_reads_what_extract_writes(tmp_path):
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF32,PQ8"])
 def test_streamed_build_equals_in_memory_build(tmp_path, factory):
-    from remap_lib.search.index import DescriptorSource
+    from remap_lib.search.sources import DescriptorSource
 
     x = _clustered(6000, 32, 40, 1.0, 8)
     source = DescriptorSource.open(_extraction_folder(tmp_path / "desc", x))
@@ -207,13 +210,13 @@ def test_streamed_build_equals_in_memory_build(tmp_path, factory):
 
 
 def test_on_disk_merged_index_equals_in_memory_ivf(tmp_path):
-    from remap_lib.search.index import DescriptorSource
+    from remap_lib.search.sources import DescriptorSource
 
     x = _clustered(6000, 32, 40, 1.0, 10)
     source = DescriptorSource.open(_extraction_folder(tmp_path / "desc", x))
     out = tmp_path / "idx" / "i.remap"
     out.parent.mkdir()
-    disk = RetrievalIndex.build_on_disk(source, out, "IVF32,PQ8", shards=2, train_size=3000, chunk=500, nprobe=4)
+    disk = build_on_disk(source, out, "IVF32,PQ8", shards=2, train_size=3000, chunk=500, nprobe=4)
     memory = RetrievalIndex.build(source, "IVF32,PQ8", train_size=3000, chunk=500, nprobe=4)
     assert sorted(p.name for p in out.parent.iterdir()) == ["i.remap", "i.remap.ivfdata"]  # no leftovers
     quantizer = lambda index: faiss.extract_index_ivf(index.index).quantizer.reconstruct_n(0, 32)  # noqa: E731
@@ -233,12 +236,13 @@ def test_on_disk_merged_index_equals_in_memory_ivf(tmp_path):
 
 
 def test_corrupt_missing_or_truncated_on_disk_files_are_refused(tmp_path):
-    from remap_lib.search.index import DescriptorSource, sampled_sha256
+    from remap_lib.search.index_file import sampled_sha256
+    from remap_lib.search.sources import DescriptorSource
 
     x = _clustered(3000, 16, 20, 1.0, 12)
     source = DescriptorSource.from_array(x, [f"{i}.jpg" for i in range(len(x))])
     main_file = tmp_path / "i.remap"
-    RetrievalIndex.build_on_disk(source, main_file, "IVF8,PQ4", train_size=2000)
+    build_on_disk(source, main_file, "IVF8,PQ4", train_size=2000)
     data_file = tmp_path / "i.remap.ivfdata"
     good_main, good_data = main_file.read_bytes(), data_file.read_bytes()
 
@@ -323,7 +327,7 @@ def test_a_single_query_is_spread_over_the_threads_with_the_same_results(factory
 def test_fast_scan_refine_reaches_the_recall_of_8_bit_pq_refine_and_its_limits_are_explained(tmp_path):
     """4-bit fast-scan PQ (32 x 4 bits = 16 bytes, as PQ16x8) re-ranked by SQ8: the shortlist finds the
     neighbours; on disk and on the GPU it is refused with a way out, not a faiss assertion."""
-    from remap_lib.search.index import DescriptorSource
+    from remap_lib.search.sources import DescriptorSource
 
     x = _clustered(10_100, 64, 50, 1.0, 0)
     db, q = x[:10_000], x[10_000:]
@@ -342,7 +346,7 @@ def test_fast_scan_refine_reaches_the_recall_of_8_bit_pq_refine_and_its_limits_a
         index.search(q, 10, use_gpu=True)
     source = DescriptorSource.from_array(db, [str(i) for i in range(len(db))])
     with pytest.raises(ValueError, match="merge_ondisk cannot write"):
-        RetrievalIndex.build_on_disk(source, tmp_path / "d.remap", "IVF16,PQ32x4fs", train_size=4000)
+        build_on_disk(source, tmp_path / "d.remap", "IVF16,PQ32x4fs", train_size=4000)
     assert not list(tmp_path.glob("d.remap*"))
 
 
@@ -357,7 +361,8 @@ def test_streaming_never_holds_the_matrix(tmp_path):
     del x
     script = textwrap.dedent(f"""
         import json, re, numpy as np
-        from remap_lib.search.index import DescriptorSource, RetrievalIndex
+        from remap_lib.search.index import RetrievalIndex
+        from remap_lib.search.sources import DescriptorSource
         def peak():  # MiB; VmHWM starts afresh at exec (ru_maxrss would carry pytest's)
             status = open("/proc/self/status").read()
             return int(re.search(r"VmHWM:\\s+(\\d+)", status).group(1)) / 1024
@@ -393,7 +398,7 @@ def test_add_with_assigned_lists_equals_add():
 @pytest.mark.skipif(not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0,
                     reason="no GPU faiss: install faiss-gpu on a machine with a CUDA GPU to run this test")
 def test_gpu_train_add_search_agree_with_cpu():
-    from remap_lib.search.index import DescriptorSource
+    from remap_lib.search.sources import DescriptorSource
 
     x = _clustered(20_000, 64, 50, 1.0, 15)
     source = DescriptorSource.from_array(x, [str(i) for i in range(len(x))])

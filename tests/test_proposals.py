@@ -19,6 +19,7 @@ from torchvision.ops import box_iou
 
 from remap_lib.layers import functional as RF
 from remap_lib.training import landmark_boxes as LB
+from remap_lib.training import pairs as P
 from remap_lib.training import verification as V
 from remap_lib.config import PAPER_MULTISCALE, ModelConfig
 from remap_lib.describe.model import RetrievalModel
@@ -384,7 +385,7 @@ def test_merge_boxes_union_and_median():
 def _write_pairs(path: Path, rows) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(V.CSV_COLUMNS)
+        w.writerow(P.CSV_COLUMNS)
         w.writerows(rows)
 
 

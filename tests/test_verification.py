@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from remap_lib.training import pairs as P
 from remap_lib.training import verification as V
 from remap_lib.data.images import load_image
 
@@ -123,22 +124,22 @@ def test_blank_and_tiny_images_give_zero_inliers():
 
 def test_pair_filter_keeps_exactly_the_pairs_inside_the_bounds():
     counts = [0, 4, 5, 6, 17, 29, 30, 31, 200, None]
-    assert V.classify_pairs(counts, 5, 30) == ["too_hard", "too_hard", "kept", "kept", "kept", "kept", "kept",
+    assert P.classify_pairs(counts, 5, 30) == ["too_hard", "too_hard", "kept", "kept", "kept", "kept", "kept",
                                               "too_easy", "too_easy", "failed"]
-    assert V.classify_pairs([9, 10, 11], 10, 10) == ["too_hard", "kept", "too_easy"]
+    assert P.classify_pairs([9, 10, 11], 10, 10) == ["too_hard", "kept", "too_easy"]
     with pytest.raises(ValueError, match="min_inliers <= max_inliers"):
-        V.classify_pairs([1], 31, 30)
+        P.classify_pairs([1], 31, 30)
 
 
 def test_pairs_are_sampled_distinct_unordered_and_reproducible():
     rng = np.random.default_rng
-    pairs = V.sample_pairs(60, 50, rng(0))
+    pairs = P.sample_pairs(60, 50, rng(0))
     assert len(pairs) == 50 == len(set(pairs)) and all(0 <= i < j < 60 for i, j in pairs)
-    assert pairs == V.sample_pairs(60, 50, rng(0)) and pairs != V.sample_pairs(60, 50, rng(1))
-    assert V.sample_pairs(5, 50, rng(0)) == [(i, j) for i in range(5) for j in range(i + 1, 5)]  # all 10
-    dense = V.sample_pairs(12, 50, rng(0))  # 50 of 66: drawn from the list of all pairs
+    assert pairs == P.sample_pairs(60, 50, rng(0)) and pairs != P.sample_pairs(60, 50, rng(1))
+    assert P.sample_pairs(5, 50, rng(0)) == [(i, j) for i in range(5) for j in range(i + 1, 5)]  # all 10
+    dense = P.sample_pairs(12, 50, rng(0))  # 50 of 66: drawn from the list of all pairs
     assert len(set(dense)) == 50 and all(0 <= i < j < 12 for i, j in dense)
-    assert V.sample_pairs(1, 50, rng(0)) == []
+    assert P.sample_pairs(1, 50, rng(0)) == []
 
 
 # --------------------------------------------------------------------------- datasets of groups
@@ -174,13 +175,13 @@ def _noisy_copy(groups_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_verify_pairs_counts_and_classifies_every_sampled_pair(groups_dir):
-    result = V.verify_pairs(str(groups_dir), pairs_per_group=50, workers=0, progress=False)
+    result = P.verify_pairs(str(groups_dir), pairs_per_group=50, workers=0, progress=False)
     assert result.counts()["sampled"] == 6  # 3 pairs in each group of 3
     assert {p.group for p in result.pairs} == {"astronaut", "coffee"}
     for p in result.pairs:
         assert Path(p.query).parent.name == Path(p.positive).parent.name == p.group
         assert p.inliers >= 5  # views of one photo all verify
-        assert p.status == V.classify_pairs([p.inliers])[0]
+        assert p.status == P.classify_pairs([p.inliers])[0]
     assert result.per_group()["coffee"]["images"] == 3
 
 
@@ -193,27 +194,27 @@ def test_cache_resumes_and_a_second_call_computes_nothing(groups_dir, tmp_path, 
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(V, "count_inliers", counted)
-    first = V.verify_pairs(groups_dir, workers=0, cache=cache, progress=False)
+    monkeypatch.setattr(P, "count_inliers", counted)  # as pairs.py calls it
+    first = P.verify_pairs(groups_dir, workers=0, cache=cache, progress=False)
     assert len(calls) == 6 and len(cache.read_text().splitlines()) == 6
     calls.clear()
-    again = V.verify_pairs(groups_dir, workers=0, cache=cache, progress=False)
+    again = P.verify_pairs(groups_dir, workers=0, cache=cache, progress=False)
     assert calls == [] and again.pairs == first.pairs
     # a run killed while writing: the half line is ignored and that one pair is counted again
     lines = cache.read_text().splitlines()
     cache.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
-    resumed = V.verify_pairs(groups_dir, workers=0, cache=cache, progress=False)
+    resumed = P.verify_pairs(groups_dir, workers=0, cache=cache, progress=False)
     assert len(calls) == 1 and resumed.pairs == first.pairs
     assert all(json.loads(line)["inliers"] >= 0 for line in cache.read_text().splitlines()[-1:])
     # other settings do not reuse the counts
     calls.clear()
-    V.verify_pairs(groups_dir, workers=0, cache=cache, progress=False, settings=V.MatchSettings(ratio=0.7))
+    P.verify_pairs(groups_dir, workers=0, cache=cache, progress=False, settings=V.MatchSettings(ratio=0.7))
     assert len(calls) == 6
 
 
 def test_unreadable_file_is_listed_with_its_reason_and_noise_is_dropped(groups_dir, tmp_path):
     root = _noisy_copy(groups_dir, tmp_path)
-    plain = V.verify_pairs(root, workers=0, progress=False)
+    plain = P.verify_pairs(root, workers=0, progress=False)
     broken = str(root / "astronaut" / "broken.jpg")
     assert "corrupt" in plain.failed[broken] or "decode" in plain.failed[broken]
     statuses = {(Path(p.query).name, Path(p.positive).name): p.status for p in plain.pairs}
@@ -221,7 +222,7 @@ def test_unreadable_file_is_listed_with_its_reason_and_noise_is_dropped(groups_d
     assert statuses[("view0.png", "zz_cat.png")] == "too_hard"  # the cat is not the astronaut
     assert plain.counts("astronaut")["kept"] + plain.counts("astronaut")["too_easy"] == 3
 
-    cleaned = V.verify_pairs(root, workers=0, progress=False, drop_unverified=True)
+    cleaned = P.verify_pairs(root, workers=0, progress=False, drop_unverified=True)
     assert [Path(d["path"]).name for d in cleaned.dropped] == ["zz_cat.png"]
     assert cleaned.dropped[0]["tried"] == 3 and cleaned.dropped[0]["best_inliers"] < 5
     assert broken in cleaned.failed
@@ -232,21 +233,21 @@ def test_unreadable_file_is_listed_with_its_reason_and_noise_is_dropped(groups_d
 
 @pytest.mark.slow  # two spawned processes import remap_lib (and torch) first
 def test_workers_give_the_same_pairs_as_one_process(groups_dir):
-    one = V.verify_pairs(groups_dir, workers=0, progress=False)
-    two = V.verify_pairs(groups_dir, workers=2, progress=False)
+    one = P.verify_pairs(groups_dir, workers=0, progress=False)
+    two = P.verify_pairs(groups_dir, workers=2, progress=False)
     assert two.pairs == one.pairs
 
 
 def test_csv_holds_every_pair_and_load_pairs_returns_the_kept_ones(groups_dir, tmp_path):
-    result = V.verify_pairs(groups_dir, workers=0, progress=False, max_inliers=200)  # coffee kept, astronaut too easy
+    result = P.verify_pairs(groups_dir, workers=0, progress=False, max_inliers=200)  # coffee kept, astronaut too easy
     out, side = result.save(tmp_path / "out" / "pairs.csv")
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == V.CSV_COLUMNS and len(rows) == 6
+    assert tuple(rows[0]) == P.CSV_COLUMNS and len(rows) == 6
     assert all(Path(r["query"]).is_absolute() and Path(r["query"]).exists() for r in rows)
-    kept = V.load_pairs(out)
+    kept = P.load_pairs(out)
     assert kept == result.kept() and {p.group for p in kept} == {"coffee"} and len(kept) == 3
-    assert len(V.load_pairs(out, statuses=None)) == 6
+    assert len(P.load_pairs(out, statuses=None)) == 6
     report = json.loads(side.read_text())
     assert report["counts"]["sampled"] == 6 and report["settings"]["max_inliers"] == 200
     assert report["per_group"]["astronaut"]["sampled"] == 3
@@ -255,18 +256,18 @@ def test_csv_holds_every_pair_and_load_pairs_returns_the_kept_ones(groups_dir, t
 def test_load_pairs_reads_hand_written_files_and_explains_bad_ones(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "mine.csv").write_text("query,positive\nimgs/a.jpg,imgs/b.jpg\n/abs/c.jpg,imgs/d.jpg\n")
-    pairs = V.load_pairs(tmp_path / "mine.csv")
+    pairs = P.load_pairs(tmp_path / "mine.csv")
     assert [(p.query, p.positive) for p in pairs] == [(str(tmp_path / "imgs/a.jpg"), str(tmp_path / "imgs/b.jpg")),
                                                       ("/abs/c.jpg", str(tmp_path / "imgs/d.jpg"))]
     assert all(p.status == "kept" and p.inliers is None for p in pairs)
     (tmp_path / "bad.csv").write_text("image,group\na.jpg,x\n")
     with pytest.raises(ValueError, match="'query' and 'positive'"):
-        V.load_pairs(tmp_path / "bad.csv")
+        P.load_pairs(tmp_path / "bad.csv")
     (tmp_path / "bad2.csv").write_text("query,positive,inliers,status\na.jpg,b.jpg,12,maybe\n")
     with pytest.raises(ValueError, match="bad2.csv:2: unknown status"):
-        V.load_pairs(tmp_path / "bad2.csv")
+        P.load_pairs(tmp_path / "bad2.csv")
     with pytest.raises(FileNotFoundError, match="verify-pairs"):
-        V.load_pairs(tmp_path / "missing.csv")
+        P.load_pairs(tmp_path / "missing.csv")
 
 
 def test_dataset_without_groups_is_refused(tmp_path):
@@ -275,7 +276,7 @@ def test_dataset_without_groups_is_refused(tmp_path):
 
     ds = RetrievalDataset("flat", [ImageSpec("a.jpg")], [], {}, None)
     with pytest.raises(ValueError, match="no groups"):
-        V.verify_pairs(ds, workers=0, progress=False)
+        P.verify_pairs(ds, workers=0, progress=False)
     with pytest.raises(ValueError, match="method"):
         V.MatchSettings(method="affine")
 
@@ -299,7 +300,7 @@ def test_cli_verify_pairs_writes_the_csv_and_prints_a_summary(groups_dir, tmp_pa
                  "--drop-unverified", "--clean-tries", "2", "--max-inliers", "1000"]) == 0
     text = capsys.readouterr().out
     assert "6 pairs sampled" in text and "6 kept" in text and "0 images dropped" in text
-    assert len(V.load_pairs(out)) == 6
+    assert len(P.load_pairs(out)) == 6
     assert (tmp_path / "pairs.json").exists() and (tmp_path / "pairs.cache.jsonl").exists()
     assert main(["verify-pairs", str(groups_dir), "-o", str(out), "--min-inliers", "40", "--max-inliers", "30"]) == 2
     assert "min-inliers" in capsys.readouterr().err

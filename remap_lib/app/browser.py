@@ -61,10 +61,10 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..data.datasets import RetrievalDataset
-from ..evaluation.evaluate import score
 from ..data.images import load_thumbnail
-from ..evaluation.metrics import rank_database
 from ..describe.shared_pass import DEFAULT_MAP_MEMORY, SharedBackbone
+from ..evaluation.evaluate import score
+from ..evaluation.metrics import rank_database
 
 __all__ = ["QueryBrowser", "load_fine_tuned"]
 
@@ -166,8 +166,8 @@ class QueryBrowser:
     def __init__(self, dataset: RetrievalDataset, image_size: int = 320, kl_weights=None, top_k: int = 5,
                  backbone=None, engine: str = "auto", precision: str = "f32", device: str = "auto",
                  max_map_bytes: int = DEFAULT_MAP_MEMORY, checkpoints: Mapping[str, object] | None = None):
-        from ..nets.backbones import build_backbone
         from ..describe.model import weights_fingerprint
+        from ..nets.backbones import build_backbone
 
         self.dataset, self.image_size, self.kl, self.top_k = dataset, image_size, kl_weights, top_k
         # checkpoints first: a wrong path fails before minutes of backbone pass

@@ -452,7 +452,8 @@ def cmd_train_rpn(args) -> int:
 
 
 def cmd_verify_pairs(args) -> int:
-    from ..training.verification import MatchSettings, verify_pairs
+    from ..training.pairs import verify_pairs
+    from ..training.verification import MatchSettings
 
     _check_output_file(args.out)
     if args.min_inliers > args.max_inliers:
@@ -487,7 +488,9 @@ def cmd_index(args) -> int:
     from ..search.index import RetrievalIndex
 
     if args.action == "build":
-        from ..search.index import DEFAULT_REFINE_K, DescriptorSource, check_index_output
+        from ..search.index import DEFAULT_REFINE_K
+        from ..search.index_file import check_index_output
+        from ..search.sources import DescriptorSource
 
         _check_output_file(args.index)
         if args.on_disk and args.refine:
@@ -503,7 +506,9 @@ def cmd_index(args) -> int:
         options = dict(truncate=args.truncate, nprobe=args.nprobe, train_size=args.train_sample, chunk=args.chunk,
                        use_gpu=args.gpu, progress=not args.quiet)
         if args.on_disk:
-            index = RetrievalIndex.build_on_disk(source, args.index, args.factory, shards=args.shards, **options)
+            from ..search.on_disk import build_on_disk
+
+            index = build_on_disk(source, args.index, args.factory, shards=args.shards, **options)
         else:
             index = RetrievalIndex.build(source, args.factory, refine=args.refine,
                                          refine_k=args.refine_k or DEFAULT_REFINE_K, **options)

@@ -315,8 +315,8 @@ def proposal_regions(model, image, size: int = 512, k: int = 256, levels: int = 
     """
     import torch
 
-    from ..layers.functional import rmac_regions
     from ..data.images import resize_longer_side, to_tensor
+    from ..layers.functional import rmac_regions
 
     img = _as_image(image)
     layer = model.layers[0]

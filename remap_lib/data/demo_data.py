@@ -49,13 +49,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image, ImageFilter
 
 from .download import sha256_file
-from .images import ImageSpec
 
-__all__ = ["ARCHIVES", "BUILD_VERSION", "CHALLENGES", "SOURCES", "build_demo_set", "default_demo_dir",
-           "load_demo_set"]
+__all__ = ["ARCHIVES", "BUILD_VERSION", "CHALLENGES", "SOURCES", "build_demo_set", "default_demo_dir"]
 
 log = logging.getLogger(__name__)
 

@@ -56,11 +56,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .extraction_files import FORMAT, check_output_folder, load_npy, read_manifest, temp_path as _temp_path
-from ..data.images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, OTHER_IMAGE_EXTENSIONS, ImageLoadError, ImageSpec,
-                     list_images, load_spec, pixels_to_tensor, resize_longer_side, to_pixels)
-from .model import RetrievalModel
+from ..data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    OTHER_IMAGE_EXTENSIONS,
+    ImageLoadError,
+    ImageSpec,
+    list_images,
+    load_spec,
+    pixels_to_tensor,
+    resize_longer_side,
+    to_pixels,
+)
 from ..layers.whitening import PCAWhitening, learn_pca_whitening
+from .extraction_files import FORMAT, check_output_folder, load_npy, read_manifest, temp_path as _temp_path
+from .model import RetrievalModel
 
 __all__ = ["Descriptors", "ExtractionLockedError", "extract_descriptors", "extract_distributed", "learn_whitening",
            "load_descriptors", "merge_extractions", "parse_shard", "resolve_images", "shard_bounds"]

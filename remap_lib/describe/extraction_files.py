@@ -1,7 +1,7 @@
 """The manifest of an extraction folder (``remap extract``), readable without torch.
 
 :mod:`remap_lib.describe.extract` writes the folder; :func:`remap_lib.describe.extract.load_descriptors`
-and :class:`remap_lib.search.index.DescriptorSource` read it.  The index side must not
+and :class:`remap_lib.search.sources.DescriptorSource` read it.  The index side must not
 import torch (its search processes are measured for memory), so what both
 readers check first lives here, with the output-folder check the CLI runs
 before it builds a model.

@@ -25,11 +25,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..layers import functional as RF
-from ..nets.backbones import FeatureBackbone, build_backbone
 from ..config import ModelConfig
-from ..layers.pooling import GeM, MAC, RMAC, RegionWeights, RemapStream, SPoC
+from ..layers import functional as RF
+from ..layers.pooling import MAC, RMAC, GeM, RegionWeights, RemapStream, SPoC
 from ..layers.whitening import PCAWhitening
+from ..nets.backbones import FeatureBackbone, build_backbone
 
 __all__ = ["RetrievalModel", "WhiteningNotLearnedError", "load_torch_file", "weights_fingerprint"]
 

@@ -39,10 +39,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..layers import functional as RF
 from ..config import ModelConfig
-from .extract import _batches, _ImageDataset, select_device
 from ..data.images import DEFAULT_MAX_PIXELS, ImageLoadError, ImageSpec
+from ..layers import functional as RF
+from .extract import _batches, _ImageDataset, select_device
 from .model import RetrievalModel, weights_fingerprint
 
 __all__ = ["DEFAULT_MAP_MEMORY", "FeatureMaps", "SharedBackbone", "describe_maps", "group_by_pass"]

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig
 from ..data.datasets import RetrievalDataset
-from ..describe.extract import extract_descriptors, load_descriptors
 from ..data.images import DEFAULT_MAX_PIXELS, ImageSpec, load_spec, resize_longer_side
-from .metrics import mean_average_precision, mean_precision_at_k, rank_database, ukbench_score
+from ..describe.extract import extract_descriptors, load_descriptors
 from ..describe.model import RetrievalModel
 from ..describe.shared_pass import SharedBackbone, group_by_pass
+from .metrics import mean_average_precision, mean_precision_at_k, rank_database, ukbench_score
 
 __all__ = ["COLOUR_HISTOGRAM", "MethodResult", "colour_histograms", "describe", "describe_methods", "evaluate",
            "format_table", "score"]
@@ -119,7 +119,14 @@ def _write_cache(folder: Path | None, model: RetrievalModel, specs: list[ImageSp
     so that ``describe``, ``remap extract`` and this module all read it back."""
     if folder is None:
         return
-    from ..describe.extract import Descriptors, _check_or_write_settings, _output_lock, _PartWriter, _settings, _write_result
+    from ..describe.extract import (
+        Descriptors,
+        _check_or_write_settings,
+        _output_lock,
+        _PartWriter,
+        _settings,
+        _write_result,
+    )
 
     settings = {**_settings(model, DEFAULT_MAX_PIXELS, precision), "sources": {}}
     paths = [s.key for s in specs]

@@ -21,71 +21,50 @@ atomically with a SHA-256 of its header and contents, so a truncated, corrupt or
 edited file is refused before faiss reads it, and a query model that does not
 match the index's is refused with a clear message.
 
-At scale (:meth:`RetrievalIndex.build`, :meth:`RetrievalIndex.build_on_disk`)
-the descriptors of an extraction folder are streamed through
-:class:`DescriptorSource`: read in chunks from ``descriptors.npy`` (never the
-whole matrix in memory), checked chunk by chunk against the SHA-256 of the
-folder's ``manifest.json``, quantisers trained on a random sample.  Two ways to
-grow past memory and past PQ's accuracy:
+At scale (:meth:`RetrievalIndex.build`, :func:`~remap_lib.search.on_disk.build_on_disk`)
+the descriptors of an extraction folder are streamed in chunks, checked
+against their manifest, through a :class:`~remap_lib.search.sources.DescriptorSource`.
+Two ways to grow past memory and past PQ's accuracy:
 
 * **refine** (``refine="SQ8"``): faiss ``IndexRefine`` keeps finer codes (SQ8: one
   byte a dimension) beside the IVF-PQ codes and re-ranks the PQ shortlist of
   ``k × refine_k`` candidates with them;
-* **on-disk inverted lists**: IVF sub-indexes are built in parallel processes
-  over slices of the rows, merged with faiss's ``merge_ondisk`` into one
-  ``FILE.ivfdata`` beside the index file, and searched memory-mapped (only the
-  visited lists are read).
+* **on-disk inverted lists**: IVF sub-indexes built in parallel processes and
+  merged into one ``FILE.ivfdata`` beside the index file, searched
+  memory-mapped (:mod:`remap_lib.search.on_disk`).
 
 ``faiss-gpu``, when installed and asked for (``use_gpu=True``), trains the
 coarse quantiser (k-means), assigns added vectors to their lists and searches
 on the GPU (same API); otherwise the CPU.
 
-File format (version 4): ``REMAPIDX``, the header length (``<Q``), a JSON
-header, the faiss index, the image paths (a packed :class:`PathTable`,
-memory-mapped when loaded).  The header's ``sha256`` covers the header itself
-(its other fields as canonical JSON: sorted keys, no spaces) and everything
-after it, so an edit to any field (a model option, the count, a size) is
-refused like damage to the data.  Files of versions 1-3, whose checksum left
-the header out, are refused with a message to rebuild them: accepting them
-would keep that hole open.  An on-disk index's header
-(its faiss part holds only the lists' offsets) also names its
-``.ivfdata`` file with the file's size, its full SHA-256 and a *sampled*
-SHA-256 (:func:`sampled_sha256`: the size and 64 blocks of 64 KiB spread evenly
-over the file, the whole file when smaller): loading checks the size and the
-sampled hash (milliseconds, whatever the size), ``verify="full"`` the whole file.
+This module holds :class:`RetrievalIndex` (train, add, search, the model
+checks, save and load) and the faiss helpers of its search; its parts live beside it:
+
+``sources``     what an index is built from: :class:`~remap_lib.search.sources.DescriptorSource`,
+                synthetic distractors for benchmarks
+``index_file``  the checked file format: layout, version, checksums, the packed path table
+``on_disk``     the sharded, parallel build of an index whose inverted lists live on disk
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
 import os
-import shutil
-import struct
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from ..describe.extraction_files import FORMAT as EXTRACTION_FORMAT, load_npy, read_manifest, temp_path  # the folder of `remap extract`
+from ..describe.extraction_files import temp_path
+from .index_file import IndexFileError, PathTable, _writing, payload_reader, read_checked_header, write_index_file
+from .sources import DescriptorSource
 
-__all__ = ["DescriptorSource", "IndexFileError", "ModelMismatchError", "PathTable", "RetrievalIndex",
-           "check_index_output", "gpu_available", "is_index_file", "sampled_sha256", "synthetic_distractors",
-           "truncate_descriptors"]
+__all__ = ["ModelMismatchError", "RetrievalIndex", "gpu_available", "truncate_descriptors"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"REMAPIDX"
-VERSION = 4  # 2: weights fingerprint, model sources, precision; 3: refine, on-disk inverted lists;
-#               4: the checksum covers the header too
 DEFAULT_REFINE_K = 8  # PQ shortlist of k * DEFAULT_REFINE_K re-ranked by the refine codes
-CHUNK_BYTES = 64 << 20  # default streaming chunk: 64 MiB of float32 rows
-SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 64, 1 << 16  # sampled checksum of an .ivfdata file
 
 
 _ROLES = {  # how check_model words a refusal for its caller: the queries of a search, or descriptors to add
@@ -99,10 +78,6 @@ _ROLES = {  # how check_model words a refusal for its caller: the queries of a s
                       "model, or build a new index from these.",
             "weights": "these descriptors were made with the index's model config but other weights"},
 }
-
-
-class IndexFileError(ValueError):
-    """An index file that is truncated, corrupt or not an index."""
 
 
 class ModelMismatchError(ValueError):
@@ -136,368 +111,6 @@ def _require_gpu() -> None:
     if not gpu_available():
         raise ValueError("a GPU was asked for, but this faiss has no GPU support or sees no GPU "
                          "(install faiss-gpu on a machine with a CUDA GPU, or leave out --gpu)")
-
-
-def _sha256_file(path, start: int = 0, stop: int | None = None, block: int = 16 << 20, digest=None) -> str:
-    """SHA-256 of bytes ``[start, stop)`` of a file, read in blocks (fed to ``digest`` if given)."""
-    digest = hashlib.sha256() if digest is None else digest
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = (os.path.getsize(path) if stop is None else stop) - start
-        while left > 0:
-            data = f.read(min(block, left))
-            if not data:
-                break
-            digest.update(data)
-            left -= len(data)
-    return digest.hexdigest()
-
-
-def sampled_sha256(path, blocks: int = SAMPLE_BLOCKS, block: int = SAMPLE_BLOCK_BYTES) -> str:
-    """A cheap checksum of a large file: SHA-256 of its size and ``blocks`` blocks of ``block`` bytes.
-
-    The blocks start at evenly spaced offsets from the first byte to the last
-    block; a file of at most ``blocks * block`` bytes is hashed whole.  It
-    catches truncation, a swapped or stale file and damage to any sampled
-    block; a change elsewhere needs the full SHA-256 (``verify="full"``).
-    """
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(struct.pack("<Q", size))
-    if size <= blocks * block:
-        digest.update(bytes.fromhex(_sha256_file(path)))
-        return digest.hexdigest()
-    with open(path, "rb") as f:
-        for offset in np.linspace(0, size - block, blocks).astype(np.int64):
-            f.seek(int(offset))
-            digest.update(f.read(block))
-    return digest.hexdigest()
-
-
-def _canonical_header(header: dict) -> bytes:
-    """The bytes of an index header that its checksum covers: every field but ``sha256``, canonical JSON.
-
-    Canonical (sorted keys, no spaces), not the bytes as written, so that the
-    checksum can be computed before the header holds it; any change of a
-    field's value changes these bytes.
-    """
-    fields = {key: value for key, value in header.items() if key != "sha256"}
-    return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _name_max(folder: Path) -> int:
-    """The longest file name (bytes) the file system of ``folder`` allows (255 when it cannot be asked)."""
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
-
-
-@contextlib.contextmanager
-def _writing(path: Path, left: str = "nothing was replaced"):
-    """Name the index file in a failed write (a full disk, a read-only folder), and say what is ``left``.
-
-    Without it the error is faiss's ``32000 requested and 25568 written`` or a
-    bare ``No space left on device``, about no file or a temporary one.  The
-    previous index at ``path`` is untouched: it is replaced only by the last,
-    atomic step (an on-disk build has replaced its ``.ivfdata`` file by then).
-    """
-    try:
-        yield
-    except (OSError, RuntimeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-            (str(exc).strip().splitlines() or [type(exc).__name__])[-1])
-        error = OSError(f"cannot write the index {path}: {reason}; {left}")
-        error.errno = getattr(exc, "errno", None)
-        raise error from None
-
-
-def is_index_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a file that starts like a remap index (of any version, even a damaged one)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
-
-
-def check_index_output(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], force: bool = False) -> None:
-    """Refuse to write an index over one of its ``inputs``, or over a file that is not an index unless ``force``.
-
-    ``remap index build SRC -o SRC/descriptors.npy`` would replace its own
-    input, and ``-o notes.txt`` an unrelated file; both ended with exit code 0.
-    An existing index is replaced (atomically), as a rebuild should.
-    """
-    path = Path(path)
-    if not path.exists():
-        return
-    for source in inputs:
-        if os.path.exists(source) and os.path.samefile(path, source):
-            same = "" if os.path.abspath(path) == os.path.abspath(source) else f" ({source})"
-            raise FileExistsError(f"-o {path} is an input of the index{same}; write the index to another file")
-    if not force and not is_index_file(path):
-        raise FileExistsError(f"-o {path} exists and is not a remap index; choose another file name, "
-                              "or add --force to replace it")
-
-
-class PathTable(Sequence):
-    """Image paths as JSON strings one after another (``paths.jsonl``'s lines), found by byte offsets.
-
-    Ten million paths cost their bytes plus 8 bytes each, not ten million
-    Python strings; a table read from an index file is memory-mapped, so a
-    search touches only the pages of the paths it returns.  Item ``i`` is
-    decoded when asked for.
-
-    Packed form (in an index file): ``<Q`` count, ``count + 1`` little-endian
-    uint64 offsets into the blob, the blob (UTF-8 JSON strings, each ending in
-    a newline).
-    """
-
-    def __init__(self, offsets: np.ndarray, blob: np.ndarray):
-        self.offsets, self.blob = offsets, blob
-
-    @classmethod
-    def from_jsonl(cls, data: bytes) -> "PathTable":
-        """The lines of a ``paths.jsonl`` file (one JSON string a line)."""
-        if data and not data.endswith(b"\n"):
-            data += b"\n"
-        blob = np.frombuffer(data, np.uint8)
-        offsets = np.concatenate([[0], np.flatnonzero(blob == 10) + 1]).astype(np.uint64)
-        if np.any(np.diff(offsets) < 2):
-            raise ValueError("paths.jsonl has an empty line")
-        return cls(offsets, blob)
-
-    @classmethod
-    def from_list(cls, paths) -> "PathTable":
-        return cls.from_jsonl("".join(json.dumps(str(p), ensure_ascii=False) + "\n" for p in paths).encode("utf-8", "backslashreplace"))
-
-    @classmethod
-    def map(cls, path: Path, offset: int, nbytes: int) -> "PathTable":
-        """The packed table at byte ``offset`` of ``path``, memory-mapped (read-only)."""
-        with open(path, "rb") as f:
-            f.seek(offset)
-            (count,) = struct.unpack("<Q", f.read(8))
-        start = offset + 8 + 8 * (count + 1)
-        if start > offset + nbytes:
-            raise IndexFileError(f"{path}: damaged path table")
-        offsets = np.memmap(path, dtype="<u8", mode="r", offset=offset + 8, shape=(count + 1,))
-        blob = (np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(offset + nbytes - start,))
-                if offset + nbytes > start else np.zeros(0, np.uint8))
-        return cls(offsets, blob)
-
-    def packed(self) -> list:
-        """The packed form, as buffers to write one after another."""
-        return [struct.pack("<Q", len(self)), np.ascontiguousarray(self.offsets, dtype="<u8"), self.blob]
-
-    def packed_bytes(self) -> int:
-        return 8 + 8 * len(self.offsets) + len(self.blob)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"path {i} of {len(self)}")
-        return json.loads(bytes(self.blob[int(self.offsets[i]):int(self.offsets[i + 1])]))
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
-
-    def __repr__(self) -> str:
-        return f"PathTable({len(self)} paths)"
-
-
-class _NpyRows:
-    """Rows of a C-ordered float32 ``(N, D)`` ``.npy`` file, read with ordinary reads at its data offset."""
-
-    def __init__(self, npy: Path):
-        self.npy = npy
-        m = load_npy(npy, mmap_mode="r")  # parses the header; reads no data page
-        if m.dtype != np.float32 or m.ndim != 2 or not m.flags.c_contiguous:
-            raise ValueError(f"{npy}: expected a C-ordered float32 (N, D) matrix, got {m.dtype} {m.shape}")
-        self.shape, self.offset, self.row_bytes = tuple(m.shape), int(m.offset), 4 * int(m.shape[1])
-        del m
-        if os.path.getsize(npy) < self.offset + self.row_bytes * self.shape[0]:
-            raise ValueError(f"{npy} is shorter than its header says (a damaged file); rerun `remap extract`")
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((max(0, stop - start), self.shape[1]), np.float32)
-        with open(self.npy, "rb") as f:
-            f.seek(self.offset + self.row_bytes * start)
-            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
-                raise ValueError(f"{self.npy} is shorter than its header says; rerun `remap extract`")
-        return out
-
-    def take(self, ids: np.ndarray) -> np.ndarray:
-        out = np.empty((len(ids), self.shape[1]), np.float32)
-        fd = os.open(self.npy, os.O_RDONLY)
-        try:
-            for k, i in enumerate(ids):
-                data = os.pread(fd, self.row_bytes, self.offset + self.row_bytes * int(i))
-                if len(data) != self.row_bytes:
-                    raise ValueError(f"{self.npy} is shorter than its header says; rerun `remap extract`")
-                out[k] = np.frombuffer(data, np.float32)
-        finally:
-            os.close(fd)
-        return out
-
-
-class _RowChecksum:
-    """SHA-256 over rows fed in order, compared with the manifest's ``descriptors_sha256`` at the end."""
-
-    def __init__(self, source: "DescriptorSource"):
-        self.source, self.position, self.digest = source, 0, hashlib.sha256()
-
-    def update(self, start: int, rows: np.ndarray) -> None:
-        if start != self.position:
-            raise RuntimeError(f"checksum fed row {start}, expected row {self.position}")
-        if self.source.sha256 is not None:  # an in-memory array has nothing to compare with
-            self.digest.update(np.ascontiguousarray(rows).data)
-        self.position += len(rows)
-
-    def check(self) -> None:
-        if self.source.sha256 is None:
-            return
-        if self.position != len(self.source):
-            raise RuntimeError(f"checksum over {self.position} of {len(self.source)} rows")
-        if self.digest.hexdigest() != self.source.sha256:
-            raise ValueError(f"{self.source.folder}: descriptors.npy does not match manifest.json (an interrupted or "
-                             "concurrent write, or a damaged file); rerun the same `remap extract` command to "
-                             "rebuild it")
-
-
-class DescriptorSource:
-    """Rows of an ``(N, D)`` float32 descriptor matrix with their image paths, read in chunks.
-
-    :meth:`open` reads a folder written by ``remap extract`` (``descriptors.npy``,
-    ``paths.jsonl``, ``manifest.json``, ``extraction.json``) without loading the
-    matrix: rows are read from the file with ordinary reads at the ``.npy``
-    data offset, one chunk at a time (a memory map would leave every page it
-    touched counted in the process's resident memory).  The counts, the shape
-    and the paths' SHA-256 are checked when opening; the matrix's SHA-256 while
-    streaming (:meth:`chunks` with a checksum, or :meth:`verify`), since hashing
-    10 million rows up front would read them all once more.
-    :meth:`from_array` wraps an in-memory matrix (no checksum).
-
-    Attributes:
-        paths: image path of each row (a :class:`PathTable`).
-        config: the folder's ``extraction.json`` (model identity), or ``None``.
-        sha256: the manifest's ``descriptors_sha256`` (``None`` for an array).
-    """
-
-    def __init__(self, paths: Sequence[str], config: dict | None = None, *, array: np.ndarray | None = None,
-                 npy: Path | None = None, folder: Path | None = None, sha256: str | None = None):
-        self.paths, self.config, self.sha256, self.folder = paths, config, sha256, folder
-        self._array, self.npy = array, npy
-        self._file = None if array is not None else _NpyRows(npy)
-        self.shape = tuple(array.shape) if array is not None else self._file.shape
-        if len(paths) != self.shape[0]:
-            raise ValueError(f"{folder or 'descriptors'}: {len(paths)} paths but {self.shape[0]} descriptors")
-
-    @classmethod
-    def open(cls, folder: str | os.PathLike) -> "DescriptorSource":
-        """The result of ``remap extract`` in ``folder``, checked against its ``manifest.json``."""
-        folder = Path(folder)
-        manifest = read_manifest(folder)
-        blob = (folder / "paths.jsonl").read_bytes()
-        if hashlib.sha256(blob).hexdigest() != manifest["paths_sha256"]:
-            raise ValueError(f"{folder}: paths.jsonl does not match manifest.json (an interrupted or concurrent "
-                             "write); rerun the same `remap extract` command to rebuild it")
-        paths = PathTable.from_jsonl(blob)  # decoded one by one when asked for
-        config = json.loads((folder / "extraction.json").read_text())
-        source = cls(paths, config, npy=folder / "descriptors.npy", folder=folder,
-                     sha256=manifest["descriptors_sha256"])
-        if source.shape != (manifest["count"], manifest["dim"]):
-            raise ValueError(f"{folder}: descriptors.npy holds {source.shape}, manifest.json says "
-                             f"({manifest['count']}, {manifest['dim']}); rerun `remap extract`")
-        return source
-
-    def inputs(self) -> list[Path]:
-        """The files of the extraction folder an index of this source is made from (none for an array)."""
-        if self.folder is None:
-            return []
-        return [self.folder / name for name in ("descriptors.npy", "paths.jsonl", "manifest.json", "extraction.json")]
-
-    @classmethod
-    def from_array(cls, x: np.ndarray, paths, config: dict | None = None) -> "DescriptorSource":
-        x = np.asarray(x)
-        if x.ndim != 2:
-            raise ValueError(f"descriptors must be (N, D), got shape {x.shape}")
-        return cls(PathTable.from_list(paths), config, array=x)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.shape[1]
-
-    def default_chunk(self) -> int:
-        """Rows in :data:`CHUNK_BYTES` (64 MiB)."""
-        return max(1, CHUNK_BYTES // (4 * self.dim))
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """A copy of rows ``[start, stop)``."""
-        stop = min(stop, len(self))
-        if self._array is not None:
-            return np.array(self._array[start:stop], dtype=np.float32)
-        return self._file.read(start, stop)
-
-    def take(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` (sorted ascending: one read each), e.g. a training sample."""
-        ids = np.asarray(ids, np.int64)
-        if self._array is not None:
-            return np.array(self._array[ids], dtype=np.float32)
-        return self._file.take(ids)
-
-    def sample(self, size: int, seed: int = 0) -> np.ndarray:
-        """``size`` rows drawn without replacement (all rows when fewer), in row order."""
-        if size >= len(self):
-            return self.rows(0, len(self))
-        ids = np.sort(np.random.default_rng(seed).choice(len(self), size, replace=False))
-        return self.take(ids)
-
-    def checksum(self) -> _RowChecksum:
-        """A running SHA-256 to feed every row in order (:meth:`chunks`); ``.check()`` at the end."""
-        return _RowChecksum(self)
-
-    def chunks(self, size: int | None = None, start: int = 0, stop: int | None = None,
-               checksum: _RowChecksum | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """``(first row, rows)`` of at most ``size`` rows from ``start`` to ``stop``, fed to ``checksum``."""
-        size = size or self.default_chunk()
-        stop = len(self) if stop is None else min(stop, len(self))
-        for s in range(start, stop, size):
-            rows = self.rows(s, min(s + size, stop))
-            if checksum is not None:
-                checksum.update(s, rows)
-            yield s, rows
-
-    def verify(self, size: int | None = None) -> None:
-        """Read every row once and compare their SHA-256 with the manifest (``ValueError`` if it differs)."""
-        if self.sha256 is None:
-            return
-        checksum = self.checksum()
-        for _ in self.chunks(size, checksum=checksum):
-            pass
-        checksum.check()
-
-
-@contextlib.contextmanager
-def _quiet_stdout():
-    """Silence what C++ code prints on file descriptor 1."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -840,111 +453,6 @@ class RetrievalIndex:
         index.add_from(source, chunk, use_gpu=use_gpu, progress=progress)
         return index
 
-    @classmethod
-    def build_on_disk(cls, source: DescriptorSource, path: str | os.PathLike, factory: str, *,
-                      shards: int = 1, truncate: int | None = None, nprobe: int = 16, train_size: int = 200_000,
-                      chunk: int | None = None, seed: int = 0, use_gpu: bool = False,
-                      progress: bool = False) -> "RetrievalIndex":
-        """An IVF index whose inverted lists live on disk: ``path`` + ``path.ivfdata``; returns it loaded.
-
-        The quantisers are trained once on a sample; ``shards`` sub-indexes, each
-        over a contiguous slice of rows (ids = row numbers), are filled in parallel
-        processes (each with its share of faiss's threads) when the source is a
-        folder, one after the other otherwise; faiss's ``merge_ondisk`` then
-        concatenates their inverted lists into the ``.ivfdata`` file, so that
-        each list holds its vectors in row order, exactly like an in-memory index
-        built from the same trained quantisers.  The descriptors' checksum is
-        verified meanwhile; a failure (a damaged descriptor file included) leaves
-        no file behind.  The ``.ivfdata`` file is put in place just before the
-        index file, which names its size and checksum, so an interrupted rebuild
-        over an older index leaves a pair that :meth:`load` refuses, never a mix.
-        """
-        from faiss.contrib.ondisk import merge_ondisk
-
-        faiss = _faiss()
-        path = Path(path)
-        if shards < 1:
-            raise ValueError(f"shards must be at least 1, got {shards}")
-        data_name = f"{path.name}.ivfdata"
-        if len(os.fsencode(data_name)) > _name_max(path.parent):  # refused now, not after the whole build
-            limit = _name_max(path.parent) - len(".ivfdata")
-            raise ValueError(f"{path}: too long a name for an on-disk index, whose lists go to NAME.ivfdata beside "
-                             f"it; choose a name of at most {limit} bytes")
-        if not len(source):
-            raise ValueError(f"{source.folder or 'the source'} holds no descriptors")
-        index = cls._for_source(source, factory, truncate)
-        if faiss.try_extract_index_ivf(index.index) is None:
-            raise ValueError(f"an on-disk index needs an inverted file: {factory!r} has none (try 'IVF4096,PQ16')")
-        if isinstance(faiss.downcast_index(index.index), faiss.IndexRefine):
-            raise ValueError("an on-disk index cannot have a refine stage (its codes would be in memory)")
-        if _is_fast_scan(faiss.try_extract_index_ivf(index.index)):
-            raise ValueError(f"faiss keeps fast-scan codes ({factory!r}) in blocked in-memory lists that "
-                             "merge_ondisk cannot write; use 8-bit PQ on disk (e.g. 'IVF4096,PQ16x8')")
-        index.nprobe = nprobe
-        chunk = chunk or source.default_chunk()
-        t = time.perf_counter()
-        if not index.index.is_trained:
-            index.train(source.sample(train_size, seed), use_gpu=use_gpu)
-        work, data_tmp = temp_path(path, ".build"), temp_path(path, ".ivfdata.tmp")
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            trained = work / "trained.faissindex"
-            faiss.write_index(index.index, str(trained))
-            bounds = np.linspace(0, len(source), shards + 1).round().astype(np.int64)
-            jobs = [(int(a), int(b), str(work / f"shard{k}.faissindex")) for k, (a, b) in
-                    enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
-            threads = max(1, faiss.omp_get_max_threads() // len(jobs))
-            settings = dict(dim=index.dim, truncate=truncate, chunk=chunk, use_gpu=use_gpu)
-            if len(jobs) > 1 and source.npy is not None:
-                workers = [_start_shard(dict(npy=str(source.npy), trained=str(trained), start=a, stop=b, out=out,
-                                             threads=threads, **settings)) for a, b, out in jobs]
-                try:
-                    source.verify(chunk)  # the checksum pass, while the shards are built
-                    with _progress(len(source), "shards", progress) as bar:
-                        for worker, (a, b, _) in zip(workers, jobs):
-                            _finish_shard(worker)
-                            bar.update(b - a)
-                finally:
-                    for process, log_file in workers:
-                        if process.poll() is None:
-                            process.kill()
-                            process.wait()
-                        log_file.close()
-            else:
-                checksum = source.checksum()
-                with _progress(len(source), "index add", progress) as bar:
-                    for a, b, out in jobs:
-                        shard = cls(index.dim, factory, truncate=truncate, _index=faiss.read_index(str(trained)))
-                        assigner = shard._gpu_assigner() if use_gpu else None
-                        for start, rows in source.chunks(chunk, a, b, checksum=checksum):
-                            shard._add_vectors(shard._prepare(rows), np.arange(start, start + len(rows)), assigner)
-                            bar.update(len(rows))
-                        faiss.write_index(shard.index, out)
-                        del shard
-                checksum.check()
-            merged = faiss.read_index(str(trained))
-            with _writing(path), _quiet_stdout():  # faiss prints "resizing FILE to N bytes"
-                merge_ondisk(merged, [out for _, _, out in jobs], str(data_tmp))
-            index.paths, count = source.paths, merged.ntotal
-            payload = faiss.serialize_index(merged)  # small: the lists' offsets, not their data
-            del merged  # unmaps the .ivfdata file
-            with _writing(path):
-                with open(data_tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                ivfdata = {"file": data_name, "bytes": os.path.getsize(data_tmp),
-                           "sha256": _sha256_file(data_tmp), "sampled_sha256": sampled_sha256(data_tmp)}
-                os.replace(data_tmp, path.with_name(data_name))
-            index.ivfdata = ivfdata
-            index._write(path, payload, count, left=f"{data_name} was replaced already, so a previous {path.name} "
-                                                   "is refused until the build is run again")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-            data_tmp.unlink(missing_ok=True)
-        log.info("built %s over %d vectors in %d shards in %.1f s", factory, len(source), len(jobs),
-                 time.perf_counter() - t)
-        return cls.load(path)
-
     def search(self, q: np.ndarray, k: int = 10, nprobe: int | None = None, use_gpu: bool = False,
                refine_k: int | None = None):
         """``(scores (n, k), ids (n, k))``; ids are -1 where fewer than k results exist.
@@ -1036,63 +544,31 @@ class RetrievalIndex:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _header(self, index_bytes: int, table: PathTable, count: int | None) -> dict:
-        """The header of the index file, without its checksum."""
-        return {"version": VERSION, "factory": self.factory, "dim": self.dim, "truncate": self.truncate,
+    def _header(self, count: int | None) -> dict:
+        """The index's fields of its file's header (the file format adds its version, sizes and checksum)."""
+        return {"factory": self.factory, "dim": self.dim, "truncate": self.truncate,
                 "count": len(self) if count is None else count, "model_config": self.model_config,
                 "model_digest": self.model_digest,
                 "weights_fingerprint": self.weights_fingerprint, "model_sources": self.model_sources,
                 "precision": self.precision, "refine": self.refine, "refine_k": self.refine_k,
-                "nprobe": self.nprobe, "ivfdata": self.ivfdata, "index_bytes": index_bytes,
-                "paths_format": "packed", "paths_bytes": table.packed_bytes()}
+                "nprobe": self.nprobe, "ivfdata": self.ivfdata}
 
     def _write(self, path: Path, payload, count: int | None = None, left: str = "nothing was replaced") -> None:
         """Write the index file from ``payload``: the serialised faiss index (a file, or bytes) of ``count``.
 
-        ``left``: what a failed write leaves, for its error message.
-
-        The checksum covers the header (:func:`_canonical_header`), then the
-        payload and the paths.  The file is written under a short temporary
-        name (:func:`~remap_lib.describe.extraction_files.temp_path`), then renamed over ``path``.
+        ``left``: what a failed write leaves, for its error message.  The bytes,
+        checksum and atomic rename: :func:`~remap_lib.search.index_file.write_index_file`.
         """
         table = self.paths if isinstance(self.paths, PathTable) else PathTable.from_list(self.paths)
-        paths = table.packed()
-        if not isinstance(payload, Path):
-            payload = memoryview(np.ascontiguousarray(payload)).cast("B")
-        header = self._header(os.path.getsize(payload) if isinstance(payload, Path) else len(payload), table, count)
-        digest = hashlib.sha256(_canonical_header(header))
-        if isinstance(payload, Path):
-            _sha256_file(payload, digest=digest)
-        else:
-            digest.update(payload)
-        for part in paths:
-            digest.update(part)
-        header["sha256"] = digest.hexdigest()
-        head = json.dumps(header).encode()
-        tmp = temp_path(path, ".tmp")
-        try:
-            with _writing(path, left):
-                with open(tmp, "wb") as f:
-                    f.write(MAGIC + struct.pack("<Q", len(head)) + head)
-                    if isinstance(payload, Path):
-                        with open(payload, "rb") as g:
-                            shutil.copyfileobj(g, f, 16 << 20)
-                    else:
-                        f.write(payload)
-                    for part in paths:
-                        f.write(part)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_index_file(path, self._header(count), payload, table, left)
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: str = "sampled") -> "RetrievalIndex":
         """Read an index file, refusing a truncated or corrupt one before faiss reads it.
 
         ``verify`` (on-disk indexes): ``"sampled"`` checks the ``.ivfdata`` file's
-        size and sampled SHA-256 (:func:`sampled_sha256`), ``"full"`` its whole SHA-256.
+        size and sampled SHA-256 (:func:`~remap_lib.search.index_file.sampled_sha256`),
+        ``"full"`` its whole SHA-256.
         """
         faiss = _faiss()
         path = Path(path)
@@ -1103,22 +579,10 @@ class RetrievalIndex:
         if path.is_dir():
             raise IndexFileError(f"{path} is a folder, not an index file")
         with open(path, "rb") as f:
-            header, body = _read_header(f, path)
-            _check_checksum(path, header, body)  # from here on, every header field is the one written
+            # from here on, every header field is the one written, and the .ivfdata file is checked
+            header, body, data_file = read_checked_header(f, path, verify)
             ivfdata = header.get("ivfdata")
-            data_file = None
-            if ivfdata is not None:
-                data_file = path.with_name(ivfdata["file"])
-                _check_ivfdata(data_file, ivfdata, verify)
-            f.seek(body)
-            left = header["index_bytes"]
-
-            def read(nbytes):  # the faiss payload only, never past it
-                nonlocal left
-                data = f.read(min(nbytes, left))
-                left -= len(data)
-                return data
-
+            read = payload_reader(f, body, header["index_bytes"])  # the faiss payload only, never past it
             flags = faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY if ivfdata else 0
             index = faiss.read_index(faiss.PyCallbackIOReader(read), flags)
             # memory-mapped: pages are read when a path is asked for
@@ -1139,48 +603,6 @@ class RetrievalIndex:
         if len(obj.paths) != index.ntotal:
             raise IndexFileError(f"{path}: {index.ntotal} vectors but {len(obj.paths)} paths")
         return obj
-
-
-def _read_header(f, path: Path) -> tuple[dict, int]:
-    """The JSON header of an open index file and the offset of what follows it; refuses other versions.
-
-    Files of versions 1-3 are refused, not read: their checksum does not
-    cover the header, so an edited model option or count would go unnoticed.
-    """
-    size = os.path.getsize(path)
-    start = f.read(len(MAGIC) + 8)
-    if not start.startswith(MAGIC) or len(start) < len(MAGIC) + 8:
-        raise IndexFileError(f"{path} is not a remap index file")
-    (n,) = struct.unpack("<Q", start[8:16])
-    if n > size - len(start):
-        raise IndexFileError(f"{path} is truncated: its header says {n} bytes, the file holds {size - len(start)}")
-    try:
-        header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexFileError(f"{path}: damaged header ({exc})") from None
-    version = header.get("version") if isinstance(header, dict) else None
-    if type(version) is not int:
-        raise IndexFileError(f"{path}: damaged header (no format version)")
-    if version < VERSION:
-        raise IndexFileError(f"{path} was written by an older remap (index format {version}, whose checksum does "
-                             "not cover the header); rebuild it with `remap index build`")
-    if version > VERSION:
-        raise IndexFileError(f"{path} was written by a newer remap (index format {version}; this one reads "
-                             f"{VERSION}); update remap to read it")
-    return header, len(start) + n
-
-
-def _check_checksum(path: Path, header: dict, body: int) -> None:
-    """Refuse an index file whose size or SHA-256 (over its header and everything after it) is not the recorded one."""
-    sizes, digest = (header.get("index_bytes"), header.get("paths_bytes")), header.get("sha256")
-    if any(type(v) is not int or v < 0 for v in sizes) or not isinstance(digest, str):
-        raise IndexFileError(f"{path}: damaged header (its sizes or checksum are missing)")
-    data = os.path.getsize(path) - body
-    if data != sum(sizes):
-        raise IndexFileError(f"{path} is truncated or padded: {data} bytes of data, expected {sum(sizes)}")
-    if _sha256_file(path, body, digest=hashlib.sha256(_canonical_header(header))) != digest:
-        raise IndexFileError(f"{path} is corrupt: its checksum does not match (its header or its data changed "
-                             "since it was written); rebuild it")
 
 
 def _is_fast_scan(ivf) -> bool:
@@ -1225,80 +647,3 @@ def _no_polysemous_training(index) -> None:
         _no_polysemous_training(index.index)
     elif isinstance(index, (faiss.IndexPQ, faiss.IndexIVFPQ)):
         index.do_polysemous_training = False
-
-
-def _check_ivfdata(data_file: Path, ivfdata: dict, verify: str) -> None:
-    """Refuse an ``.ivfdata`` file that is missing, of another size or of another checksum."""
-    if not data_file.is_file():
-        raise IndexFileError(f"{data_file} is missing: an on-disk index needs its .ivfdata file beside it")
-    size = os.path.getsize(data_file)
-    if size != ivfdata["bytes"]:
-        raise IndexFileError(f"{data_file} is truncated or padded: {size} bytes, expected {ivfdata['bytes']}")
-    if verify == "full":
-        ok = _sha256_file(data_file) == ivfdata["sha256"]
-    else:
-        ok = sampled_sha256(data_file) == ivfdata["sampled_sha256"]
-    if not ok:
-        raise IndexFileError(f"{data_file} is corrupt: its checksum does not match (rebuild the index)")
-
-
-def _start_shard(job: dict):
-    """Start :func:`_build_shard` in a fresh Python process (not a fork: faiss's OpenMP threads exist here;
-    not multiprocessing's spawn: it would import the caller's ``__main__`` again)."""
-    import subprocess
-
-    package_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]),
-           "PYTHONPATH": os.pathsep.join([package_root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    log_file = open(f"{job['out']}.log", "w+b")
-    code = "import json, sys; from remap_lib.search.index import _build_shard; _build_shard(**json.loads(sys.argv[1]))"
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(job)], env=env, stdout=log_file,
-                            stderr=subprocess.STDOUT), log_file
-
-
-def _finish_shard(worker) -> None:
-    process, log_file = worker
-    with log_file:
-        if process.wait() != 0:
-            log_file.seek(0)
-            lines = log_file.read().decode(errors="replace").strip().splitlines() or ["(no output)"]
-            raise RuntimeError(f"building an index shard failed (exit code {process.returncode}): {lines[-1]}")
-
-
-def _build_shard(npy: str, trained: str, start: int, stop: int, out: str, threads: int, *, dim: int,
-                 truncate: int | None, chunk: int, use_gpu: bool) -> int:
-    """Worker of :meth:`RetrievalIndex.build_on_disk`: rows ``[start, stop)`` into a copy of the trained index."""
-    faiss = _faiss()
-    faiss.omp_set_num_threads(threads)
-    shard = RetrievalIndex(dim, "shard", truncate=truncate, _index=faiss.read_index(trained))
-    assigner = shard._gpu_assigner() if use_gpu else None
-    rows = _NpyRows(Path(npy))
-    for s in range(start, stop, chunk):
-        x = rows.read(s, min(s + chunk, stop))
-        shard._add_vectors(shard._prepare(x), np.arange(s, s + len(x)), assigner)
-    faiss.write_index(shard.index, out)
-    return stop - start
-
-
-def synthetic_distractors(real: np.ndarray, n: int, seed: int = 0, batch: int = 100_000) -> np.ndarray:
-    """``n`` L2-normalised distractors drawn from a Gaussian fitted to ``real`` descriptors.
-
-    The mean and full covariance of the real ``(N, D)`` descriptors (before
-    normalisation) define the Gaussian; samples are then L2-normalised like
-    real descriptors.  They follow the real descriptors' first two moments
-    (directions of high and low variance, overall offset), not their cluster
-    structure, so they are distractors of realistic spread but no
-    near-duplicates.  Needs ``N > D`` for a full-rank covariance (else a small
-    ridge is added).
-    """
-    real = np.asarray(real, np.float64)
-    mean = real.mean(0)
-    cov = np.cov(real, rowvar=False) + 1e-6 * np.eye(real.shape[1])
-    chol = np.linalg.cholesky(cov)
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, real.shape[1]), np.float32)
-    for s in range(0, n, batch):
-        z = rng.standard_normal((min(batch, n - s), real.shape[1]))
-        x = mean + z @ chol.T
-        out[s:s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out

@@ -49,7 +49,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.images import ImageLoadError, ImageSpec
-from .verification import MatchSettings, VerifiedPair, _image_features, inlier_boxes, load_pairs
+from .pairs import VerifiedPair, load_pairs
+from .verification import MatchSettings, _image_features, inlier_boxes
 
 __all__ = ["MERGES", "TrainingBoxes", "merge_boxes", "training_boxes"]
 

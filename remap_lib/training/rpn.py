@@ -54,8 +54,8 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig, load_yaml
-from ..describe.extract import scaled_sizes
 from ..data.images import ImageLoadError, load_spec, resize_longer_side, to_tensor
+from ..describe.extract import scaled_sizes
 from ..describe.model import RetrievalModel, load_torch_file, weights_fingerprint
 from ..layers.proposals import box_recall
 
@@ -203,7 +203,7 @@ class RPNTrainer:
     def _pairs(self) -> tuple[list, list]:
         """The kept pairs to train on and those of the held-out landmarks (split by ``dataset`` groups)."""
         from ..data.datasets import load_dataset, parse_group_range, split_groups
-        from .verification import load_pairs
+        from .pairs import load_pairs
 
         cfg = self.cfg
         if not cfg.pairs:

@@ -51,13 +51,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..layers import functional as RF
 from ..config import ModelConfig, load_yaml
 from ..data.datasets import RetrievalDataset, load_dataset, parse_group_range, split_groups
 from ..data.download import sha256_file
-from ..describe.extract import scaled_sizes
 from ..data.images import ImageSpec, load_spec, resize_longer_side, to_tensor
+from ..describe.extract import scaled_sizes
 from ..describe.model import CHECKPOINT_FORMAT as MODEL_FORMAT, RetrievalModel, load_torch_file
+from ..layers import functional as RF
 from ..layers.pooling import RegionWeights, project_nonnegative_
 
 __all__ = ["TrainConfig", "Trainer", "check_no_overlap", "matching_pairs", "mine_hard_negatives", "train",
@@ -173,7 +173,7 @@ def verified_training_pairs(train_set: RetrievalDataset, path: str | os.PathLike
     skipped and counted in the log.
     """
     from ..data.datasets import without_images
-    from .verification import load_pairs
+    from .pairs import load_pairs
 
     path = Path(path)
     side = path.with_suffix(".json")
